@@ -1,0 +1,527 @@
+/**
+ * The generic fdferry protocol server that every daemon is built on.
+ *
+ * It accepts SOCK_SEQPACKET connections, records each peer's credentials, requires a `hello` naming the
+ * client's owner id (scoped to the peer's uid), validates every request (shape, fd count, fd kinds)
+ * before a method sees it, answers every request exactly once, and gives a rejected request's fds back
+ * with the error. Long tasks answer `accepted` at once and later `deliver()` a result into the owner's
+ * mailbox, where it stays until the owner acknowledges it.
+ */
+import { EventEmitter } from 'node:events';
+import fs from 'node:fs';
+import type { Logger } from 'pino';
+import type { FdDescription, NativeBinding, PeerCredentials, SeqpacketListener } from '../native.js';
+import { MessageCodec, DEFAULT_MAX_BODY_BYTES, type Message, type RequestMessage } from '../protocol/codec.js';
+import { ProtocolError } from '../protocol/errors.js';
+import { fdKindMismatch, type FdKind } from '../protocol/fd-kinds.js';
+import { MAX_FDS_PER_MESSAGE, MAX_INLINE_BODY, PROTOCOL_VERSION } from '../protocol/frame.js';
+import { Channel, type ChannelBinding } from './channel.js';
+import { Mailbox, type ExpiryReason, type MailboxEntry, type MailboxLimits } from './mailbox.js';
+import { ensureSocketDirectory, isAbstract, toNativeAddress } from './socket-path.js';
+
+/** What the server knows about a connected client. */
+export interface ConnectionInfo {
+  readonly id: number;
+  readonly peer: PeerCredentials;
+  /** The owner id the client named in `hello`, or null before it. */
+  owner: string | null;
+  /** `<uid>:<owner>`: owner ids are scoped to the peer's uid, so nobody collects another user's results. */
+  ownerKey: string | null;
+  readonly connectedAt: number;
+}
+
+/** How many fds a method takes, and of what kind. */
+export interface FdSpec {
+  min: number;
+  max: number;
+  kind: FdKind;
+}
+
+/** A validated request as a method handler sees it. The handler owns `fds` once it returns successfully. */
+export interface RequestContext<P> {
+  params: P;
+  fds: number[];
+  fdDescriptions: FdDescription[];
+  connection: ConnectionInfo;
+  requestId: number;
+  log: Logger;
+}
+
+/** A handler's answer. `fds` are sent with the reply and then closed by the server. */
+export interface HandlerResult {
+  result: Record<string, unknown>;
+  fds?: number[];
+}
+
+/**
+ * One method of a daemon. `parse` validates the parameters (throwing `EFDFERRY_INVALID`), `handle`
+ * does the work. A handler that throws must not have kept any of the request's fds: the server sends
+ * them back with the error.
+ */
+export interface MethodDefinition<P = Record<string, unknown>> {
+  fds?: FdSpec;
+  parse?: (params: Record<string, unknown>) => P;
+  handle: (context: RequestContext<P>) => HandlerResult | Promise<HandlerResult>;
+}
+
+/** A method table; `defineMethod` keeps each entry's parameter type. */
+export type MethodTable = Record<string, MethodDefinition<any>>;
+
+/** Identity of the type-checked method definition; exists so `P` is inferred from `parse`. */
+export function defineMethod<P>(definition: MethodDefinition<P>): MethodDefinition<P> {
+  return definition;
+}
+
+/** Server limits; every one has a daemon flag. */
+export interface ServerLimits {
+  maxConnections: number;
+  maxInflightPerConnection: number;
+  maxBodyBytes: number;
+  mailbox: MailboxLimits;
+}
+
+/** Defaults sized for one daemon on a machine capped at 20,000 open files per process. */
+export const DEFAULT_SERVER_LIMITS: ServerLimits = {
+  maxConnections: 1024,
+  maxInflightPerConnection: 64,
+  maxBodyBytes: DEFAULT_MAX_BODY_BYTES,
+  mailbox: { maxPerOwner: 10_000, maxTotal: 50_000, maxAgeMs: 10 * 60_000 },
+};
+
+/** The native calls a server needs. */
+export type ServerBinding = ChannelBinding &
+  Pick<NativeBinding, 'seqpacketListen' | 'seqpacketConnect' | 'openListener' | 'describeFd'>;
+
+/** Options of an {@link RpcServer}. */
+export interface RpcServerOptions {
+  binding: ServerBinding;
+  logger: Logger;
+  service: string;
+  version: string;
+  generation?: number;
+  methods: MethodTable;
+  limits?: Partial<Omit<ServerLimits, 'mailbox'>> & { mailbox?: Partial<MailboxLimits> };
+  /** Unix mode for a filesystem socket path. */
+  socketMode?: number;
+}
+
+/** Counters the server keeps; exported through status and metrics. */
+export interface ServerCounters {
+  connectionsAccepted: number;
+  connectionsRefused: number;
+  requests: number;
+  errors: number;
+  faults: number;
+  acceptFdExhaustion: number;
+}
+
+interface Connection extends ConnectionInfo {
+  channel: Channel;
+  inflight: number;
+  log: Logger;
+}
+
+const OWNER_PATTERN = /^[\x21-\x7e]{1,128}$/;
+const FD_EXHAUSTION_CODES = new Set(['EMFILE', 'ENFILE', 'ENOBUFS', 'ENOMEM']);
+const EXHAUSTION_LOG_INTERVAL_MS = 10_000;
+
+/** Events of an {@link RpcServer}. */
+export interface RpcServerEvents {
+  /** A connection said hello (a returning owner can be told about its kept results). */
+  hello: [connection: ConnectionInfo];
+  /** A connection closed. */
+  disconnect: [connection: ConnectionInfo];
+}
+
+/** A protocol server on one listening socket. */
+export class RpcServer extends EventEmitter<RpcServerEvents> {
+  readonly counters: ServerCounters = {
+    connectionsAccepted: 0,
+    connectionsRefused: 0,
+    requests: 0,
+    errors: 0,
+    faults: 0,
+    acceptFdExhaustion: 0,
+  };
+  readonly #options: RpcServerOptions;
+  readonly #limits: ServerLimits;
+  readonly #codec: MessageCodec;
+  readonly #log: Logger;
+  readonly #connections = new Map<number, Connection>();
+  readonly #owners = new Map<string, Connection>();
+  readonly #mailbox: Mailbox;
+  #listener: SeqpacketListener | null = null;
+  #boundPath: string | null = null;
+  #nextConnectionId = 1;
+  #lastExhaustionLog = 0;
+  #sweepTimer: NodeJS.Timeout | null = null;
+
+  constructor(options: RpcServerOptions) {
+    super();
+    this.#options = options;
+    this.#limits = {
+      ...DEFAULT_SERVER_LIMITS,
+      ...options.limits,
+      mailbox: { ...DEFAULT_SERVER_LIMITS.mailbox, ...options.limits?.mailbox },
+    };
+    this.#codec = new MessageCodec(options.binding, { maxBodyBytes: this.#limits.maxBodyBytes });
+    this.#log = options.logger;
+    this.#mailbox = new Mailbox({
+      limits: this.#limits.mailbox,
+      closeFds: (fds) => options.binding.closeAll(fds),
+      onExpire: (entry, reason) => this.#logExpiry(entry, reason),
+    });
+  }
+
+  /** Binds `address` (a path, or `@name` for an abstract socket) and starts accepting. */
+  listen(address: string): void {
+    const native = toNativeAddress(address);
+    if (!isAbstract(address)) {
+      ensureSocketDirectory(address);
+      removeStaleSocket(address, this.#options.binding);
+    }
+    const fd = this.#options.binding.seqpacketListen(native, 511);
+    if (!isAbstract(address)) {
+      fs.chmodSync(address, this.#options.socketMode ?? 0o660);
+      this.#boundPath = address;
+    }
+    this.adoptListener(fd);
+  }
+
+  /** Starts accepting on an already listening fd (socket activation, a predecessor's hand-over). */
+  adoptListener(fd: number): void {
+    if (this.#listener) throw new Error('this server is already listening');
+    this.#listener = this.#options.binding.openListener(fd, (error, connectionFd) => this.#onAccept(error, connectionFd));
+    this.#sweepTimer = setInterval(() => this.#mailbox.sweep(), Math.min(60_000, this.#limits.mailbox.maxAgeMs / 4));
+    this.#sweepTimer.unref();
+  }
+
+  /** The listening fd, or -1. */
+  get listenerFd(): number {
+    return this.#listener?.fd ?? -1;
+  }
+
+  /** Connected clients. */
+  connections(): ConnectionInfo[] {
+    return [...this.#connections.values()].map(({ id, peer, owner, ownerKey, connectedAt }) => ({
+      id,
+      peer,
+      owner,
+      ownerKey,
+      connectedAt,
+    }));
+  }
+
+  /** Results kept for owners. */
+  get mailboxSize(): number {
+    return this.#mailbox.size;
+  }
+
+  /** The limits in force. */
+  get limits(): Readonly<ServerLimits> {
+    return this.#limits;
+  }
+
+  /** Whether an owner currently has a connection. */
+  isOwnerConnected(ownerKey: string): boolean {
+    return this.#owners.has(ownerKey);
+  }
+
+  /**
+   * Keeps a long task's result for its owner and sends it now if the owner is connected. The mailbox
+   * owns `fds` from here on: they are closed once the owner acknowledges, or when the entry expires.
+   */
+  deliver(ownerKey: string, event: string, id: string, data: Record<string, unknown>, fds: number[]): void {
+    const entry = this.#mailbox.put({ ownerKey, id, event, data, fds });
+    const connection = this.#owners.get(ownerKey);
+    if (connection) this.#sendEvent(connection, entry);
+  }
+
+  /** Closes one client's connection (an operator's kick, or a misbehaving peer); false if it is gone. */
+  dropConnection(id: number): boolean {
+    const connection = this.#connections.get(id);
+    if (!connection) return false;
+    connection.log.info('connection dropped by the daemon');
+    connection.channel.close();
+    return true;
+  }
+
+  /** Stops accepting, closes every connection and expires every kept result. */
+  close(): void {
+    if (this.#sweepTimer) clearInterval(this.#sweepTimer);
+    this.#sweepTimer = null;
+    this.#listener?.close();
+    this.#listener = null;
+    if (this.#boundPath) fs.rmSync(this.#boundPath, { force: true });
+    this.#boundPath = null;
+    for (const connection of [...this.#connections.values()]) connection.channel.close();
+    this.#mailbox.clear('shutdown');
+  }
+
+  #onAccept(error: Error | null, fd: number): void {
+    if (error) {
+      const code = (error as NodeJS.ErrnoException).code ?? '';
+      if (FD_EXHAUSTION_CODES.has(code)) {
+        this.counters.acceptFdExhaustion++;
+        const now = Date.now();
+        if (now - this.#lastExhaustionLog >= EXHAUSTION_LOG_INTERVAL_MS) {
+          this.#lastExhaustionLog = now;
+          this.#log.warn(
+            { code, refusedSoFar: this.counters.acceptFdExhaustion, connections: this.#connections.size },
+            'out of file descriptors: new connections wait in the backlog; existing ones are served (raise LimitNOFILE or lower the load)',
+          );
+        }
+      } else {
+        this.#log.error({ err: error }, 'accept failed');
+      }
+      return;
+    }
+    if (this.#connections.size >= this.#limits.maxConnections) {
+      this.counters.connectionsRefused++;
+      this.#log.warn({ limit: this.#limits.maxConnections }, 'connection refused: too many connections');
+      this.#options.binding.closeAll([fd]);
+      return;
+    }
+    this.#open(fd);
+  }
+
+  #open(fd: number): void {
+    const channel = new Channel(fd, this.#options.binding, this.#codec);
+    let peer: PeerCredentials;
+    try {
+      peer = channel.peerCredentials();
+    } catch (error) {
+      this.#log.warn({ err: error }, 'connection dropped: no peer credentials');
+      channel.close();
+      return;
+    }
+    const id = this.#nextConnectionId++;
+    const connection: Connection = {
+      id,
+      peer,
+      owner: null,
+      ownerKey: null,
+      connectedAt: Date.now(),
+      channel,
+      inflight: 0,
+      log: this.#log.child({ conn: id, peerPid: peer.pid, peerUid: peer.uid }),
+    };
+    this.#connections.set(id, connection);
+    this.counters.connectionsAccepted++;
+    connection.log.debug({ peerGid: peer.gid }, 'connection accepted');
+    channel.on('message', (message) => this.#onMessage(connection, message));
+    channel.on('fault', (error) => {
+      this.counters.faults++;
+      connection.log.info({ code: error.code, requestId: error.requestId }, `bad message: ${error.message}`);
+      this.#reject(connection, error.requestId, error, error.fds);
+    });
+    channel.on('drain', () => channel.setReading(true));
+    channel.on('close', (error) => {
+      this.#connections.delete(id);
+      if (connection.ownerKey && this.#owners.get(connection.ownerKey) === connection) this.#owners.delete(connection.ownerKey);
+      connection.log.debug({ err: error ?? undefined }, 'connection closed');
+      this.emit('disconnect', connection);
+    });
+  }
+
+  #onMessage(connection: Connection, message: Message): void {
+    if (message.type !== 'request') {
+      this.counters.faults++;
+      this.#reject(connection, message.requestId, new ProtocolError('EFDFERRY_TYPE', `a client may send requests only, not ${message.type}`), message.fds);
+      return;
+    }
+    this.counters.requests++;
+    if (connection.inflight >= this.#limits.maxInflightPerConnection) {
+      this.#reject(
+        connection,
+        message.requestId,
+        new ProtocolError('EFDFERRY_BUSY', `more than ${this.#limits.maxInflightPerConnection} requests in progress on this connection`),
+        message.fds,
+      );
+      return;
+    }
+    connection.inflight++;
+    this.#dispatch(connection, message)
+      .then(
+        (outcome) => this.#reply(connection, message.requestId, outcome),
+        (error: unknown) => {
+          const protocolError =
+            error instanceof ProtocolError ? error : new ProtocolError('EFDFERRY_INTERNAL', (error as Error)?.message ?? String(error));
+          if (!(error instanceof ProtocolError)) connection.log.error({ err: error, method: message.method }, 'method failed');
+          this.#reject(connection, message.requestId, protocolError, protocolError.fds.length ? protocolError.fds : message.fds);
+        },
+      )
+      .finally(() => connection.inflight--);
+  }
+
+  async #dispatch(connection: Connection, request: RequestMessage): Promise<HandlerResult> {
+    const { method: name, params, fds } = request;
+    if (name === 'hello') return this.#hello(connection, params, fds);
+    if (connection.ownerKey === null) throw new ProtocolError('EFDFERRY_NOHELLO', `"${name}" before "hello": name an owner first`);
+    if (name === 'ping') {
+      expectNoFds(fds);
+      return { result: { pong: true, time: Date.now() } };
+    }
+    if (name === 'ack') return this.#ack(connection, params, fds);
+    const method = this.#options.methods[name];
+    if (!method || !Object.hasOwn(this.#options.methods, name)) {
+      throw new ProtocolError('EFDFERRY_METHOD', `unknown method "${name}"`, { methods: this.methodNames() });
+    }
+    const fdDescriptions = this.#checkFds(method.fds ?? { min: 0, max: 0, kind: 'any' }, fds);
+    const parsed: unknown = method.parse ? method.parse(params) : params;
+    return method.handle({
+      params: parsed,
+      fds,
+      fdDescriptions,
+      connection,
+      requestId: request.requestId,
+      log: connection.log,
+    });
+  }
+
+  /** Every method a client may call, built-ins included. */
+  methodNames(): string[] {
+    return ['hello', 'ping', 'ack', ...Object.keys(this.#options.methods)];
+  }
+
+  #checkFds(spec: FdSpec, fds: number[]): FdDescription[] {
+    if (fds.length < spec.min || fds.length > spec.max) {
+      const wanted = spec.min === spec.max ? `${spec.min}` : `${spec.min} to ${spec.max}`;
+      throw new ProtocolError('EFDFERRY_FDCOUNT', `this method takes ${wanted} fds, got ${fds.length}`);
+    }
+    return fds.map((fd, index) => {
+      const description = this.#options.binding.describeFd(fd);
+      const mismatch = fdKindMismatch(spec.kind, description);
+      if (mismatch) throw new ProtocolError('EFDFERRY_FDKIND', `fd #${index} ${mismatch}`, { index });
+      return description;
+    });
+  }
+
+  #hello(connection: Connection, params: Record<string, unknown>, fds: number[]): HandlerResult {
+    expectNoFds(fds);
+    const { owner, protocol = PROTOCOL_VERSION } = params;
+    if (protocol !== PROTOCOL_VERSION) {
+      throw new ProtocolError('EFDFERRY_VERSION', `client speaks protocol ${String(protocol)}, this daemon speaks ${PROTOCOL_VERSION}`, {
+        supported: [PROTOCOL_VERSION],
+      });
+    }
+    if (typeof owner !== 'string' || !OWNER_PATTERN.test(owner)) {
+      throw new ProtocolError('EFDFERRY_INVALID', '"owner" must be 1 to 128 printable ASCII characters without spaces');
+    }
+    if (connection.ownerKey !== null && connection.owner !== owner) {
+      throw new ProtocolError('EFDFERRY_INVALID', 'a connection names its owner once');
+    }
+    connection.owner = owner;
+    connection.ownerKey = `${connection.peer.uid}:${owner}`;
+    connection.log = connection.log.child({ owner });
+    this.#owners.set(connection.ownerKey, connection);
+    // Kept results go out only after the hello reply, so a client never sees an event before its hello.
+    setImmediate(() => {
+      if (connection.channel.closed || this.#owners.get(connection.ownerKey!) !== connection) return;
+      for (const entry of this.#mailbox.pending(connection.ownerKey!)) this.#sendEvent(connection, entry);
+      this.emit('hello', connection);
+    });
+    return {
+      result: {
+        protocol: PROTOCOL_VERSION,
+        service: this.#options.service,
+        version: this.#options.version,
+        pid: process.pid,
+        generation: this.#options.generation ?? 1,
+        pending: this.#mailbox.pending(connection.ownerKey).length,
+        limits: {
+          maxFdsPerMessage: MAX_FDS_PER_MESSAGE,
+          maxInlineBody: MAX_INLINE_BODY,
+          maxBodyBytes: this.#limits.maxBodyBytes,
+          maxInflight: this.#limits.maxInflightPerConnection,
+        },
+        methods: this.methodNames(),
+      },
+    };
+  }
+
+  #ack(connection: Connection, params: Record<string, unknown>, fds: number[]): HandlerResult {
+    expectNoFds(fds);
+    const { ids } = params;
+    if (!Array.isArray(ids) || ids.length > 4096 || !ids.every((id) => typeof id === 'string')) {
+      throw new ProtocolError('EFDFERRY_INVALID', '"ids" must be an array of at most 4096 strings');
+    }
+    const unknown = (ids as string[]).filter((id) => !this.#mailbox.ack(connection.ownerKey!, id));
+    return { result: { acked: ids.length - unknown.length, unknown } };
+  }
+
+  #sendEvent(connection: Connection, entry: MailboxEntry): void {
+    entry.deliveries++;
+    this.#send(connection, { type: 'event', requestId: 0, event: entry.event, id: entry.id, data: entry.data, fds: entry.fds });
+  }
+
+  #reply(connection: Connection, requestId: number, outcome: HandlerResult): void {
+    const fds = outcome.fds ?? [];
+    try {
+      this.#send(connection, { type: 'reply', requestId, result: outcome.result, fds });
+    } finally {
+      this.#options.binding.closeAll(fds);
+    }
+  }
+
+  /** Answers with an error and gives `fds` back to the peer; the server's copies are closed either way. */
+  #reject(connection: Connection, requestId: number, error: ProtocolError, fds: number[]): void {
+    this.counters.errors++;
+    const wire = { code: error.code, message: error.message, ...(error.details ? { details: error.details } : {}) };
+    try {
+      const sent = this.#send(connection, { type: 'error', requestId, error: wire, fds });
+      if (!sent && fds.length) connection.log.warn({ fds: fds.length, code: error.code }, 'could not return fds: the client is gone');
+    } finally {
+      this.#options.binding.closeAll(fds);
+    }
+  }
+
+  /** Sends, applying backpressure (stop reading until the queue drains); false when the message could not go. */
+  #send(connection: Connection, message: Message): boolean {
+    if (connection.channel.closed) return false;
+    try {
+      if (!connection.channel.send(message)) connection.channel.setReading(false);
+      return true;
+    } catch (error) {
+      connection.log.info({ err: error, type: message.type }, 'send failed; closing the connection');
+      connection.channel.close();
+      return false;
+    }
+  }
+
+  #logExpiry(entry: MailboxEntry, reason: ExpiryReason): void {
+    this.#log.warn(
+      { ownerKey: entry.ownerKey, id: entry.id, event: entry.event, data: entry.data, fds: entry.fds.length, reason, deliveries: entry.deliveries },
+      'result expired without acknowledgement; its fds are closed',
+    );
+  }
+}
+
+function expectNoFds(fds: number[]): void {
+  if (fds.length) throw new ProtocolError('EFDFERRY_FDCOUNT', `this method takes no fds, got ${fds.length}`);
+}
+
+/**
+ * Removes a leftover socket file from a daemon that died, but refuses to steal the path from a live one.
+ * A live listener is detected by connecting to it.
+ */
+function removeStaleSocket(address: string, binding: ServerBinding): void {
+  let stat: fs.Stats;
+  try {
+    stat = fs.lstatSync(address);
+  } catch {
+    return;
+  }
+  if (!stat.isSocket()) {
+    throw Object.assign(new Error(`${address} exists and is not a socket; refusing to replace it`), { code: 'EEXIST' });
+  }
+  let probe: number;
+  try {
+    probe = binding.seqpacketConnect(address);
+  } catch {
+    fs.rmSync(address, { force: true });
+    return;
+  }
+  binding.closeAll([probe]);
+  throw Object.assign(new Error(`another daemon is listening on ${address}`), { code: 'EADDRINUSE' });
+}
