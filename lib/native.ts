@@ -8,6 +8,9 @@
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
+import type { CompletionCallback, SpliceEngine, SpliceEngineOptions } from './native-splice.js';
+
+export type * from './native-splice.js';
 
 /** Credentials of the process at the other end of a connected AF_UNIX socket (`SO_PEERCRED`). */
 export interface PeerCredentials {
@@ -96,7 +99,7 @@ export type MessageCallback = (data: Buffer, fds: number[], fault: ReceiveFault 
 /** Callbacks a {@link SeqpacketSocket} reports through; all run on the loop that created the socket. */
 export interface SeqpacketCallbacks {
   message: MessageCallback;
-  /** The send queue fell back under its high-water mark. */
+  /** The send queue emptied after `send` had returned false. */
   drain: () => void;
   /** The peer closed (EOF or hang-up), or a fatal error happened; the socket is closed when this runs. */
   close: (error: Error | null) => void;
@@ -173,6 +176,11 @@ export interface NativeBinding {
   tcpInfo(fd: number): TcpInfo;
   /** Sets or clears O_NONBLOCK (read-modify-write of F_GETFL). */
   setNonblocking(fd: number, nonblocking: boolean): void;
+  /**
+   * Starts a splice engine (its own epoll threads). `onComplete` receives batches of ended relays on this
+   * thread's loop.
+   */
+  createSpliceEngine(options: SpliceEngineOptions, onComplete: CompletionCallback): SpliceEngine;
   /** The constants of the seals, socket families and types, as the running kernel headers define them. */
   readonly constants: Readonly<Record<string, number>>;
 }

@@ -131,6 +131,8 @@ export interface RpcServerEvents {
   hello: [connection: ConnectionInfo];
   /** A connection closed. */
   disconnect: [connection: ConnectionInfo];
+  /** An owner acknowledged a kept result (the mailbox shrank). */
+  ack: [ownerKey: string, id: string];
 }
 
 /** A protocol server on one listening socket. */
@@ -446,7 +448,11 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
     if (!Array.isArray(ids) || ids.length > 4096 || !ids.every((id) => typeof id === 'string')) {
       throw new ProtocolError('EFDFERRY_INVALID', '"ids" must be an array of at most 4096 strings');
     }
-    const unknown = (ids as string[]).filter((id) => !this.#mailbox.ack(connection.ownerKey!, id));
+    const unknown = (ids as string[]).filter((id) => {
+      if (!this.#mailbox.ack(connection.ownerKey!, id)) return true;
+      this.emit('ack', connection.ownerKey!, id);
+      return false;
+    });
     return { result: { acked: ids.length - unknown.length, unknown } };
   }
 
@@ -483,7 +489,10 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
       if (!connection.channel.send(message)) connection.channel.setReading(false);
       return true;
     } catch (error) {
-      connection.log.info({ err: error, type: message.type }, 'send failed; closing the connection');
+      // A peer that went away (EPIPE, ECONNRESET) is ordinary; anything else deserves attention.
+      const code = (error as NodeJS.ErrnoException).code;
+      const level = code === 'EPIPE' || code === 'ECONNRESET' ? 'debug' : 'warn';
+      connection.log[level]({ err: error, type: message.type }, 'send failed; closing the connection');
       connection.channel.close();
       return false;
     }

@@ -281,6 +281,10 @@ export class FakeBinding implements NativeBinding {
 
   setNonblocking(): void {}
 
+  createSpliceEngine(): never {
+    throw new Error('the fake binding has no splice engine; Splicer tests use the real addon');
+  }
+
   /** Removes the temporary directory of fake memfds. */
   dispose(): void {
     fs.rmSync(this.#tmp, { recursive: true, force: true });

@@ -1,0 +1,140 @@
+// Splicer's data plane: relays between pairs of stream sockets on dedicated epoll threads.
+//
+// Man pages: splice(2), pipe(7) (F_SETPIPE_SZ, pipe-user-pages-soft), epoll(7), eventfd(2), shutdown(2),
+// socket(7) (SO_ERROR). libuv docs: uv_async_t.
+//
+// Threads and ownership
+// - Each engine thread owns its relays outright: only that thread reads or writes a relay's state, so the data
+//   path takes no locks. The JS thread talks to a thread by posting commands (a mutex-protected queue plus an
+//   eventfd in the thread's epoll set) and, for the few synchronous calls (snapshot, pause), waits for the
+//   answer on a std::future.
+// - The engine borrows the two sockets of a relay and never closes them: they go back to JS untouched in the
+//   completion (or in the paused state). It owns its pipes.
+// - Completions travel back through one mutex-protected vector and a uv_async_t on the environment's loop, so
+//   a burst of relays ending costs one JS call.
+#pragma once
+
+#include <napi.h>
+#include <uv.h>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "binding.h"
+#include "uv_handle.h"
+
+namespace fdferry {
+
+class SpliceThread;
+
+// Engine-wide settings (see SpliceEngineOptions in lib/native-splice.ts).
+struct SpliceSettings {
+  int threads = 1;
+  int pipe_size = 256 * 1024;
+  int max_pipes = 1024;
+  int max_idle_pipes = 64;
+};
+
+// Counters shared by the engine's threads and read by JS without locking.
+struct SpliceCounters {
+  std::atomic<int64_t> relays{0};
+  std::atomic<int64_t> pipes_in_use{0};
+  std::atomic<int64_t> pipes_idle{0};
+  std::atomic<int64_t> pipe_resize_failures{0};
+  std::atomic<int64_t> pipe_size_min{0};
+  std::atomic<int64_t> pipe_waits{0};
+  std::atomic<int64_t> copy_relays{0};
+  std::atomic<int64_t> bytes_total{0};
+};
+
+// A relay that ended, as the engine thread reports it.
+struct RelayCompletionRecord {
+  double id = 0;
+  const char* reason = "complete";
+  int err = 0;
+  char side = 0;  // 'a', 'b' or 0
+  uint64_t bytes_ab = 0;
+  uint64_t bytes_ba = 0;
+  bool finished_ab = false;
+  bool finished_ba = false;
+  double started_at = 0;  // wall-clock ms
+  double ended_at = 0;
+};
+
+// Everything a paused relay needs to resume (here, or in a successor that received its fds).
+struct PausedRelayRecord {
+  double id = 0;
+  int fd_a = -1;
+  int fd_b = -1;
+  double idle_timeout_ms = 0;
+  double max_duration_ms = 0;
+  double max_bytes_ab = 0;
+  double max_bytes_ba = 0;
+  std::string preface_ab;  // what is left of each preface
+  std::string preface_ba;
+  uint64_t bytes_ab = 0;
+  uint64_t bytes_ba = 0;
+  bool finished_ab = false;
+  bool finished_ba = false;
+  bool eof_ab = false;
+  bool eof_ba = false;
+  int pipe_ab[2] = {-1, -1};  // read end, write end; -1 when the direction held no bytes
+  int pipe_ba[2] = {-1, -1};
+  uint64_t pipe_bytes_ab = 0;
+  uint64_t pipe_bytes_ba = 0;
+  double started_at = 0;
+};
+
+// What the engine shares with its threads: settings, counters and the completion outbox.
+struct SpliceShared {
+  SpliceSettings settings;
+  SpliceCounters counters;
+  std::mutex outbox_mutex;
+  std::vector<RelayCompletionRecord> outbox;
+  uv_async_t* notify = nullptr;  // valid while the threads run (they are joined before it is closed)
+  std::atomic<int64_t> pipes_total{0};  // pipes open, idle ones included: the max-pipes budget
+
+  void Complete(const RelayCompletionRecord& record);
+};
+
+class SpliceEngine final : public Napi::ObjectWrap<SpliceEngine>, public LoopResource {
+ public:
+  static Napi::Function DefineClass(Napi::Env env);
+  // Constructed only by createSpliceEngine: (options, onComplete).
+  explicit SpliceEngine(const Napi::CallbackInfo& info);
+  ~SpliceEngine() override;
+
+  void CloseForTeardown() override;
+
+ private:
+  Napi::Value Add(const Napi::CallbackInfo& info);
+  Napi::Value Cancel(const Napi::CallbackInfo& info);
+  void EndAll(const Napi::CallbackInfo& info);
+  Napi::Value Snapshot(const Napi::CallbackInfo& info);
+  Napi::Value Stats(const Napi::CallbackInfo& info);
+  Napi::Value PauseAll(const Napi::CallbackInfo& info);
+  void Resume(const Napi::CallbackInfo& info);
+  void Close(const Napi::CallbackInfo& info);
+
+  static void OnNotify(uv_async_t* handle);
+  void DeliverCompletions();
+  SpliceThread& ThreadFor(double id);
+  void StopThreads();
+
+  Fdferry& addon_;
+  Napi::AsyncContext async_context_;
+  Napi::FunctionReference on_complete_;
+  std::shared_ptr<SpliceShared> shared_;
+  std::vector<std::unique_ptr<SpliceThread>> threads_;
+  UvHandle<uv_async_t> notify_;
+  bool closed_ = false;
+};
+
+// Registers createSpliceEngine on `exports`.
+void InitSpliceEngine(Napi::Env env, Napi::Object exports, Fdferry& addon);
+
+}  // namespace fdferry

@@ -1,0 +1,37 @@
+#!/usr/bin/env node
+// `npm test`'s pretest step: the Debian packages the tests use. As root it installs what is missing
+// (saying what); otherwise it names exactly what to install and fails.
+import { execFileSync, spawnSync } from 'node:child_process';
+
+/** [command the tests run, Debian package that provides it, what for] */
+const needed = [
+  ['prlimit', 'util-linux', 'lowering a child process fd limit (MSG_CTRUNC and EMFILE tests)'],
+  ['ip', 'iproute2', 'network namespaces for TCP tests'],
+];
+
+const has = (command) => spawnSync('sh', ['-c', `command -v ${command}`], { stdio: 'ignore' }).status === 0;
+const missing = needed.filter(([command]) => !has(command));
+
+if (missing.length === 0) process.exit(0);
+
+const packages = [...new Set(missing.map(([, pkg]) => pkg))];
+for (const [command, pkg, why] of missing) console.log(`fdferry tests: \`${command}\` is missing (Debian package ${pkg}): ${why}`);
+
+if (process.getuid?.() !== 0) {
+  console.error(`fdferry tests: run as root, or install them first: apt-get install -y ${packages.join(' ')}`);
+  process.exit(1);
+}
+console.log(`fdferry tests: installing ${packages.join(' ')} with apt-get`);
+const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
+try {
+  execFileSync('apt-get', ['update', '-qq'], { stdio: 'inherit', env });
+  execFileSync('apt-get', ['install', '-y', '-qq', '--no-install-recommends', ...packages], { stdio: 'inherit', env });
+} catch {
+  console.error(`fdferry tests: apt-get failed; install by hand: apt-get install -y ${packages.join(' ')}`);
+  process.exit(1);
+}
+const still = needed.filter(([command]) => !has(command)).map(([command]) => command);
+if (still.length) {
+  console.error(`fdferry tests: still missing after install: ${still.join(', ')}`);
+  process.exit(1);
+}

@@ -1,0 +1,80 @@
+#!/usr/bin/env node
+/**
+ * `fdferry`: runs a daemon (`fdferry splicer`), talks to a running one (`fdferry ctl ...`), or runs
+ * all of them in the foreground (`fdferry up`).
+ */
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { VERSION } from '../lib/version.js';
+import { runCtl, CTL_COMMANDS } from './ctl.js';
+import { runUp, SERVICES } from './up.js';
+import { splicerOptions, startSplicer } from './splicer/command.js';
+
+const fail = (error: unknown): never => {
+  console.error(`fdferry: ${(error as Error).message}`);
+  process.exit(1);
+};
+
+await yargs(hideBin(process.argv))
+  .scriptName('fdferry')
+  .usage('$0 <command> [options]\n\nDaemons that proxies hand their sockets to, so connections outlive restarts.')
+  .command(
+    'splicer',
+    'run Splicer: relays bytes between two handed-over sockets in the kernel and gives them back',
+    (y) => splicerOptions(y),
+    async (argv) => {
+      try {
+        const daemon = startSplicer(argv);
+        await daemon.stopped;
+        process.exit(0);
+      } catch (error) {
+        fail(error);
+      }
+    },
+  )
+  .command(
+    'ctl <service> <command> [args..]',
+    'talk to a running daemon',
+    (y) =>
+      y
+        .positional('service', { choices: SERVICES, describe: 'which daemon' })
+        .positional('command', { choices: Object.keys(CTL_COMMANDS), describe: 'what to ask' })
+        .positional('args', { type: 'string', array: true, describe: 'arguments of the command (cancel: a task id)' })
+        .option('socket', { type: 'string', describe: 'the daemon socket (default /run/fdferry/<service>.sock)' })
+        .option('json', { type: 'boolean', default: false, describe: 'print the raw JSON reply' })
+        .option('timeout', { type: 'number', default: 10_000, describe: 'ms to wait for the reply' })
+        .epilog(Object.entries(CTL_COMMANDS).map(([name, text]) => `  ${name.padEnd(8)} ${text}`).join('\n')),
+    async (argv) => {
+      process.exitCode = await runCtl({
+        service: argv.service as (typeof SERVICES)[number],
+        command: argv.command as keyof typeof CTL_COMMANDS,
+        args: argv.args ?? [],
+        socket: argv.socket,
+        json: argv.json,
+        timeoutMs: argv.timeout,
+      }).catch(fail);
+    },
+  )
+  .command(
+    'up',
+    'run every daemon that exists so far in the foreground (Ctrl-C stops them all)',
+    (y) =>
+      y
+        .option('run-dir', { type: 'string', default: '/run/fdferry', describe: 'where the daemons put their sockets' })
+        .option('log-level', { type: 'string', default: 'info', describe: 'log level of every daemon' }),
+    async (argv) => {
+      process.exitCode = await runUp({ runDir: argv.runDir, logLevel: argv.logLevel }).catch(fail);
+    },
+  )
+  .demandCommand(1, 'name a command: fdferry --help lists them')
+  .strict()
+  .version(VERSION)
+  .alias('h', 'help')
+  .alias('V', 'version')
+  .wrap(Math.min(110, process.stdout.columns || 110))
+  .fail((message, error) => {
+    if (error) fail(error);
+    console.error(`fdferry: ${message}\n(run with --help for usage)`);
+    process.exit(2);
+  })
+  .parseAsync();

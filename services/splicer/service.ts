@@ -1,0 +1,203 @@
+/**
+ * Splicer: takes two connected stream sockets, relays bytes both ways in the kernel until the relay is
+ * over, then gives both sockets back to their owner in an envelope with the whole story.
+ *
+ * This file is policy only: validation, limits, ownership and delivery. The bytes move in the native
+ * splice engine's threads; the envelope travels through the server's mailbox, so it survives the owner
+ * restarting.
+ */
+import crypto from 'node:crypto';
+import type { DaemonContext, Service } from '../../lib/daemon.js';
+import type { RelayCompletion, SpliceEngine, SpliceEngineOptions } from '../../lib/native-splice.js';
+import { ProtocolError } from '../../lib/protocol/errors.js';
+import { defineMethod, type MethodTable } from '../../lib/rpc/server.js';
+import { buildEnvelope, snapshotTcp } from './envelope.js';
+import { parseSpliceRequest, type SpliceRequestLimits, DEFAULT_REQUEST_LIMITS } from './request.js';
+import { TaskTable, type SpliceTask, type TaskLimits } from './task-table.js';
+
+/** Splicer's own settings (flags of `fdferry splicer`). */
+export interface SplicerOptions {
+  engine: SpliceEngineOptions;
+  tasks: TaskLimits;
+  request?: SpliceRequestLimits;
+  /** Defaults for requests that do not say. */
+  idleTimeoutMs: number;
+  maxDurationMs: number;
+  /** On SIGTERM, how long absent owners have to come back for their envelopes. */
+  shutdownGraceMs: number;
+  /** Log every relay's end at info level (an audit trail) instead of debug. */
+  audit: boolean;
+}
+
+/** Event name of an envelope in the owner's mailbox. */
+export const ENVELOPE_EVENT = 'envelope';
+
+/** The Splicer service. */
+export class SplicerService implements Service {
+  readonly name = 'splicer';
+  readonly #context: DaemonContext;
+  readonly #options: SplicerOptions;
+  readonly #engine: SpliceEngine;
+  readonly #tasks: TaskTable;
+  readonly #bootId = crypto.randomBytes(4).toString('hex');
+  #nextEngineId = 1;
+  #stopping = false;
+  #relaysEnded = 0;
+  #onIdle: (() => void) | null = null;
+
+  constructor(context: DaemonContext, options: SplicerOptions) {
+    this.#context = context;
+    this.#options = options;
+    this.#tasks = new TaskTable(options.tasks);
+    this.#engine = context.binding.createSpliceEngine(options.engine, (completions) => this.#onCompletions(completions));
+    const stats = this.#engine.stats();
+    context.log.info({ engine: options.engine, pipeSizeMin: stats.pipeSizeMin, limits: options.tasks }, 'splice engine started');
+  }
+
+  methods(): MethodTable {
+    return {
+      splice: defineMethod({
+        fds: { min: 2, max: 2, kind: 'stream-socket' },
+        parse: (params) =>
+          parseSpliceRequest(params, { idleTimeoutMs: this.#options.idleTimeoutMs, maxDurationMs: this.#options.maxDurationMs }, this.#options.request ?? DEFAULT_REQUEST_LIMITS),
+        handle: ({ params, fds, connection, log }) => {
+          if (this.#stopping) throw new ProtocolError('EFDFERRY_SHUTDOWN', 'Splicer is stopping; hand this relay to the next instance');
+          this.#tasks.checkRoom(connection.ownerKey!, connection.peer.uid);
+          const engineId = this.#nextEngineId++;
+          const task: SpliceTask = {
+            taskId: `${this.#bootId}-${engineId}`,
+            engineId,
+            ownerKey: connection.ownerKey!,
+            owner: connection.owner!,
+            peer: connection.peer,
+            fdA: fds[0]!,
+            fdB: fds[1]!,
+            meta: params.meta,
+            relay: params.relay,
+            acceptedAt: Date.now(),
+          };
+          this.#engine.add(engineId, task.fdA, task.fdB, params.relay);
+          this.#tasks.add(task);
+          log.debug({ taskId: task.taskId }, 'relay started');
+          return { result: { taskId: task.taskId } };
+        },
+      }),
+      cancel: defineMethod({
+        parse: (params) => {
+          if (typeof params.taskId !== 'string') throw new ProtocolError('EFDFERRY_INVALID', '"taskId" must be a string');
+          return { taskId: params.taskId };
+        },
+        handle: ({ params, connection }) => {
+          const task = this.#tasks.byTaskId(params.taskId);
+          // The owner, the uid that handed it over, or root may cancel. Anyone else is told it does not
+          // exist: ids must not reveal what others run.
+          const allowed = task && (task.ownerKey === connection.ownerKey || connection.peer.uid === 0 || connection.peer.uid === task.peer.uid);
+          if (!task || !allowed) throw new ProtocolError('EFDFERRY_NOTFOUND', `no relay ${params.taskId} of yours is running`);
+          this.#engine.cancel(task.engineId);
+          return { result: { taskId: task.taskId, cancelling: true } };
+        },
+      }),
+      tasks: defineMethod({
+        handle: () => {
+          const now = Date.now();
+          const tasks = this.#engine.snapshot().flatMap((relay) => {
+            const task = this.#tasks.byEngineId(relay.id);
+            if (!task) return [];
+            return [
+              {
+                taskId: task.taskId,
+                owner: task.owner,
+                peerPid: task.peer.pid,
+                peerUid: task.peer.uid,
+                ageMs: now - task.acceptedAt,
+                bytesAToB: relay.bytesAToB,
+                bytesBToA: relay.bytesBToA,
+                idleMs: relay.idleMs,
+                state: relay.finishedAToB || relay.finishedBToA ? 'half-closed' : 'relaying',
+              },
+            ];
+          });
+          return { result: { tasks } };
+        },
+      }),
+    };
+  }
+
+  status(): Record<string, unknown> {
+    return {
+      tasks: this.#tasks.size,
+      relaysEnded: this.#relaysEnded,
+      limits: this.#tasks.limits,
+      engine: this.#engine.stats(),
+      stopping: this.#stopping,
+    };
+  }
+
+  /**
+   * SIGTERM: refuse new relays, end every relay, deliver every envelope; give absent owners the grace
+   * period to come back; whatever is left is logged one record per task and closed by the mailbox.
+   */
+  async shutdown(): Promise<void> {
+    this.#stopping = true;
+    const { log, server } = this.#context;
+    this.#engine.endAll();
+    await new Promise<void>((resolve) => {
+      if (this.#tasks.size === 0) resolve();
+      else this.#onIdle = resolve;
+    });
+    this.#engine.close();
+    const deadline = Date.now() + this.#options.shutdownGraceMs;
+    if (server.mailboxSize > 0) {
+      log.info({ envelopes: server.mailboxSize, graceMs: this.#options.shutdownGraceMs }, 'waiting for owners to collect their envelopes');
+      await new Promise<void>((resolve) => {
+        const check = () => {
+          if (server.mailboxSize === 0 || Date.now() >= deadline) {
+            server.off('ack', check);
+            clearTimeout(timer);
+            resolve();
+          }
+        };
+        const timer = setTimeout(check, Math.max(0, deadline - Date.now()));
+        server.on('ack', check);
+      });
+    }
+  }
+
+  #onCompletions(completions: RelayCompletion[]): void {
+    const { binding, log, server } = this.#context;
+    for (const completion of completions) {
+      const task = this.#tasks.byEngineId(completion.id);
+      if (!task) {
+        log.error({ engineId: completion.id }, 'engine reported an unknown relay');
+        continue;
+      }
+      this.#tasks.remove(task);
+      this.#relaysEnded++;
+      const describe = (fd: number) => binding.describeFd(fd);
+      const tcpInfo = (fd: number) => binding.tcpInfo(fd);
+      const envelope = buildEnvelope(task, completion, {
+        a: snapshotTcp(task.fdA, tcpInfo, describe),
+        b: snapshotTcp(task.fdB, tcpInfo, describe),
+      });
+      const record = {
+        taskId: task.taskId,
+        owner: task.owner,
+        peerPid: task.peer.pid,
+        peerUid: task.peer.uid,
+        reason: envelope.reason,
+        code: envelope.code ?? undefined,
+        bytesAToB: envelope.bytesAToB,
+        bytesBToA: envelope.bytesBToA,
+        durationMs: envelope.durationMs,
+      };
+      if (this.#options.audit) log.info(record, 'relay ended');
+      else log.debug(record, 'relay ended');
+      server.deliver(task.ownerKey, ENVELOPE_EVENT, task.taskId, envelope as unknown as Record<string, unknown>, [task.fdA, task.fdB]);
+    }
+    if (this.#tasks.size === 0 && this.#onIdle) {
+      const resolve = this.#onIdle;
+      this.#onIdle = null;
+      resolve();
+    }
+  }
+}
