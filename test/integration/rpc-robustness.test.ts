@@ -350,6 +350,18 @@ t.test('a client flooding pipelined requests without reading replies does not st
 
   for (let i = 0; i < 20; i++) t.ok(await pingWithin(bystander, 2000), `bystander ping ${i} answered within 2 s`);
   t.ok(daemon.running(), 'the daemon is up');
+  // Backpressure: the daemon stops reading a client that does not read its replies. Its request counter
+  // settles (each stats call adds only itself) well short of the flood: it has not swallowed all of it.
+  const requestsSeen = async (): Promise<number> =>
+    ((await bystander.request('stats')).result as { counters: { requests: number } }).counters.requests;
+  let settled = -1;
+  let previous = await requestsSeen();
+  for (let calm = 0; calm < 3; ) {
+    const now = await requestsSeen();
+    calm = now === previous + 1 ? calm + 1 : 0;
+    previous = settled = now;
+  }
+  t.ok(settled < total, 'the daemon paused reading the flood while it kept serving others', { requestsSeen: settled, flood: total });
 
   flood.recorded.socket.setReading(true);
   const answered = new Map<number, number>();
@@ -363,6 +375,7 @@ t.test('a client flooding pipelined requests without reading replies does not st
     if (ids.get(answer.requestId) === 'echo') echoFds += answer.fds.length;
     binding.closeAll(answer.fds);
   }
+  t.comment(`flood answers: ${JSON.stringify(Object.fromEntries(codes))}`);
   t.equal(echoFds, total / 50, 'each echo answer (reply or busy) carries its fd back');
   t.equal(answered.size, total, 'every request answered');
   t.ok([...answered.values()].every((n) => n === 1), 'each exactly once');

@@ -1,5 +1,6 @@
 // Splicer relays for real: a daemon process, real sockets of every kind, data checked by hash end to end.
 import t from 'tap';
+import type { Test } from 'tap';
 import crypto from 'node:crypto';
 import net from 'node:net';
 import { SplicerClient } from '../../lib/client/splicer.js';
@@ -11,14 +12,13 @@ import { PairFactory, receiveAll, receiveBytes, sendAndEnd, sha256, type PairKin
 t.setTimeout(240_000);
 const binding = loadNative();
 
-const setup = async (t: Tap, args: string[] = []) => {
+const setup = async (t: Test, args: string[] = []) => {
   const daemon = await startDaemon(t, 'splicer', args);
   const client = new SplicerClient({ owner: `relay-test-${process.pid}`, path: daemon.socket });
   await client.connect();
   t.teardown(() => client.close());
   return { daemon, client, pairs: new PairFactory(t, binding) };
 };
-type Tap = Parameters<Parameters<typeof t.test>[1]>[0];
 
 t.test('1,000 concurrent relays move 1 GiB both ways and every byte arrives (sha256 per direction)', async (t) => {
   const { daemon, client, pairs } = await setup(t);
