@@ -12,6 +12,7 @@
             "native/errors.cc",
             "native/fd.cc",
             "native/memfd.cc",
+            "native/notify.cc",
             "native/seqpacket.cc",
             "native/splice_engine.cc",
             "native/tcp_info.cc",

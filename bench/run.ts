@@ -17,6 +17,7 @@ import { PLACEMENTS, liveChildren, setPlacement, type Placement } from './lib/pr
 /** Every benchmark, by name; modules load only when asked for. */
 export const benchmarks = {
   ipc: () => import('./ipc.js'),
+  splicer: () => import('./splicer.js'),
 } satisfies Record<string, () => Promise<BenchModule>>;
 
 export type BenchmarkName = keyof typeof benchmarks;

@@ -1,15 +1,22 @@
 /**
- * The lifecycle every fdferry daemon shares: logger, protocol server, signals and clean shutdown.
+ * The lifecycle every fdferry daemon shares: logger, protocol server, systemd notification, graceful
+ * restart (hand-over to a successor), signals and clean shutdown.
  *
- * A service supplies its methods, its status and its own shutdown; this module owns the order of
- * things. SIGHUP is handled from the first moment (Node would otherwise exit on it, and systemd sends
- * it to the whole unit on reload).
+ * A service supplies its methods, its status, its shutdown and its side of a hand-over; this module owns
+ * the order of things. SIGHUP is handled from the first moment: Node would otherwise exit on it, and
+ * systemd sends it to every process of the unit, a successor that is still starting included.
  */
 import type { Logger, LevelWithSilent } from 'pino';
+import { Predecessor, type HandoffReport, type Requester } from './handoff/predecessor.js';
+import type { HandoffParticipant } from './handoff/participant.js';
+import { HANDOFF_FAULTS, type HandoffFault } from './handoff/spawn.js';
+import { Successor, takeSuccessorEnvironment } from './handoff/successor.js';
 import { createLogger } from './log.js';
 import { loadNative, type NativeBinding } from './native.js';
-import { RpcServer, type MethodTable, type ServerLimits } from './rpc/server.js';
+import { ProtocolError } from './protocol/errors.js';
+import { DEFERRED, RpcServer, defineMethod, type MethodTable, type ServerLimits } from './rpc/server.js';
 import type { MailboxLimits } from './rpc/mailbox.js';
+import { Notifier } from './systemd/notify.js';
 import { VERSION } from './version.js';
 
 /** Options every daemon takes (each has a flag and a config-file key). */
@@ -23,6 +30,10 @@ export interface CommonDaemonOptions {
   mailboxMaxPerOwner: number;
   mailboxMaxTotal: number;
   mailboxMaxAgeMs: number;
+  /** Deadline of a whole hand-over, in milliseconds. */
+  handoffTimeoutMs: number;
+  /** Accept `fault` in reload requests (tests only; see docs/restart.md). */
+  allowFaultInjection: boolean;
 }
 
 /** What a daemon gives the service it runs. */
@@ -30,87 +41,159 @@ export interface DaemonContext {
   log: Logger;
   binding: NativeBinding;
   server: RpcServer;
+  generation: number;
 }
 
-/** A service: its methods, its status and its shutdown. */
-export interface Service {
+/** A service: its methods, its status, its shutdown, and its side of a hand-over. */
+export interface Service extends HandoffParticipant {
   readonly name: string;
-  /** Methods clients may call, beyond the built-in hello/ping/ack/status. */
+  /** Methods clients may call, beyond the built-in hello/ping/ack/status/reload. */
   methods(): MethodTable;
   /** Service-specific figures for `status`. */
   status(): Record<string, unknown>;
-  /** Called once on SIGTERM/SIGINT after the daemon stops accepting; resolves when the service is done. */
+  /** Called once on SIGTERM/SIGINT; resolves when the service is done. */
   shutdown(): Promise<void>;
 }
 
-/** Running daemon handle (tests and `fdferry up` use it in-process). */
+/** Running daemon handle. */
 export interface RunningDaemon {
   context: DaemonContext;
   /** Stops the daemon as SIGTERM would; resolves when everything is closed. */
   stop(reason?: string): Promise<void>;
-  /** Resolves when the daemon has stopped. */
+  /** Resolves when the daemon has stopped, or handed over and should exit. */
   stopped: Promise<void>;
 }
 
-/** Starts a daemon: builds its context, lets `createService` make the service, listens, wires signals. */
-export function runDaemon(
+/** Starts a daemon (or, started as a successor, takes over from its predecessor). */
+export async function runDaemon(
   serviceName: string,
   options: CommonDaemonOptions,
   createService: (context: DaemonContext) => Service,
   binding: NativeBinding = loadNative(),
-): RunningDaemon {
-  const log = createLogger({ service: serviceName, level: options.logLevel });
+): Promise<RunningDaemon> {
+  let onHangup: () => void = () => log.info('SIGHUP before start-up finished: ignored');
+  const hangup = () => onHangup();
+  process.on('SIGHUP', hangup);
+
+  const successorEnvironment = takeSuccessorEnvironment();
+  const generation = successorEnvironment?.generation ?? 1;
+  const log = createLogger({ service: serviceName, level: options.logLevel, generation });
+  const successor = successorEnvironment ? new Successor(binding, log, successorEnvironment) : null;
+  const notifier = new Notifier(binding);
   const startedAt = Date.now();
-  let service: Service | null = null;
-  const methods: MethodTable = {
-    status: {
-      handle: () => ({
-        result: {
-          service: serviceName,
-          version: VERSION,
-          pid: process.pid,
-          generation: 1,
-          uptimeMs: Date.now() - startedAt,
-          connections: server.connections().length,
-          mailbox: server.mailboxSize,
-          counters: server.counters,
-          ...(service?.status() ?? {}),
-        },
-      }),
-    },
-  };
   const limits: Partial<ServerLimits> & { mailbox: Partial<MailboxLimits> } = {
     maxConnections: options.maxConnections,
     maxInflightPerConnection: options.maxInflight,
     maxBodyBytes: options.maxBodyBytes,
     mailbox: { maxPerOwner: options.mailboxMaxPerOwner, maxTotal: options.mailboxMaxTotal, maxAgeMs: options.mailboxMaxAgeMs },
   };
+  const methods: MethodTable = {};
   const server = new RpcServer({
     binding,
     logger: log,
     service: serviceName,
     version: VERSION,
+    generation,
     methods,
     limits,
     socketMode: options.socketMode,
   });
-  const context: DaemonContext = { log, binding, server };
-  service = createService(context);
-  Object.assign(methods, service.methods());
+  const context: DaemonContext = { log, binding, server, generation };
+  const service = createService(context);
+  const predecessor = new Predecessor({
+    binding,
+    log,
+    server,
+    participant: service,
+    notifier,
+    service: serviceName,
+    generation,
+    timeoutMs: options.handoffTimeoutMs,
+  });
 
   let resolveStopped!: () => void;
   const stopped = new Promise<void>((resolve) => (resolveStopped = resolve));
   let stopping: Promise<void> | null = null;
+
+  /** A hand-over ended: exit if the successor took over, otherwise answer whoever asked. */
+  const handoffFinished = (report: HandoffReport, requester: Requester | null) => {
+    if (report.ok) {
+      notifier.close();
+      process.off('SIGHUP', hangup);
+      process.off('SIGTERM', onTerm);
+      process.off('SIGINT', onTerm);
+      resolveStopped();
+      return;
+    }
+    if (requester) server.replyTo(requester.connectionId, requester.requestId, report as unknown as Record<string, unknown>);
+  };
+  const startHandoff = (fault: HandoffFault | null, requester: Requester | null) => {
+    predecessor.start(fault, requester).then(
+      (report) => handoffFinished(report, requester),
+      (error: unknown) => {
+        // Only a failure after commit gets here: the successor owns everything, so this process must go.
+        log.error({ err: error }, 'hand-over failed after commit; exiting');
+        resolveStopped();
+      },
+    );
+  };
+
+  Object.assign(methods, {
+    status: defineMethod({
+      handle: () => ({
+        result: {
+          service: serviceName,
+          version: VERSION,
+          pid: process.pid,
+          generation,
+          uptimeMs: Date.now() - startedAt,
+          connections: server.connections().length,
+          mailbox: server.mailboxSize,
+          counters: server.counters,
+          handoffInProgress: predecessor.busy,
+          ...service.status(),
+        },
+      }),
+    }),
+    reload: defineMethod({
+      parse: (params) => {
+        const fault = params.fault ?? null;
+        if (fault !== null && !(HANDOFF_FAULTS as readonly unknown[]).includes(fault)) {
+          throw new ProtocolError('EFDFERRY_INVALID', `"fault" must be one of ${HANDOFF_FAULTS.join(', ')}`);
+        }
+        return { wait: params.wait !== false, fault: fault as HandoffFault | null };
+      },
+      handle: ({ params, connection, requestId }) => {
+        if (params.fault && !options.allowFaultInjection) {
+          throw new ProtocolError('EFDFERRY_DENIED', 'fault injection is off (start the daemon with --allow-fault-injection)');
+        }
+        if (stopping) throw new ProtocolError('EFDFERRY_SHUTDOWN', 'the daemon is stopping');
+        if (predecessor.busy) throw new ProtocolError('EFDFERRY_BUSY', 'a hand-over is already in progress');
+        const requester = params.wait ? { connectionId: connection.id, requestId } : null;
+        startHandoff(params.fault, requester);
+        return params.wait ? DEFERRED : { result: { started: true, pid: process.pid } };
+      },
+    }),
+    ...service.methods(),
+  });
+
   const stop = (reason = 'stop requested'): Promise<void> => {
     stopping ??= (async () => {
-      log.info({ reason }, 'stopping: no new connections; finishing tasks');
+      if (predecessor.busy) {
+        log.info({ reason }, 'stop requested during a hand-over: rolling it back first');
+        await predecessor.abort(reason);
+        if (predecessor.committed) return; // the successor runs the show now; handoffFinished ends us
+      }
+      notifier.send({ STOPPING: 1, STATUS: `stopping: ${reason}` });
+      log.info({ reason }, 'stopping: no new work; finishing tasks');
       try {
-        await service!.shutdown();
+        await service.shutdown();
       } catch (error) {
         log.error({ err: error }, 'service shutdown failed');
       }
       server.close();
-      process.off('SIGHUP', onHangup);
+      notifier.close();
+      process.off('SIGHUP', hangup);
       process.off('SIGTERM', onTerm);
       process.off('SIGINT', onTerm);
       log.info('stopped');
@@ -118,7 +201,6 @@ export function runDaemon(
     })();
     return stopping;
   };
-  const onHangup = () => log.warn('SIGHUP received: zero-downtime restart is not available in this version; still serving');
   const onTerm = (signal: NodeJS.Signals) => {
     if (stopping) {
       log.warn({ signal }, 'second stop signal: exiting now');
@@ -126,11 +208,54 @@ export function runDaemon(
     }
     void stop(signal);
   };
-  process.on('SIGHUP', onHangup);
   process.on('SIGTERM', onTerm);
   process.on('SIGINT', onTerm);
+  onHangup = () => {
+    if (stopping) return log.info('SIGHUP while stopping: ignored');
+    if (predecessor.busy) return log.info('SIGHUP during a hand-over: busy, ignored');
+    log.info('SIGHUP: handing over to a successor');
+    startHandoff(null, null);
+  };
 
-  server.listen(options.socket);
-  log.info({ socket: options.socket, version: VERSION, node: process.version }, `${serviceName} listening`);
+  if (successor) {
+    try {
+      await successor.waitUntilReparented();
+      const adopted = await successor.receive(server, service, options.handoffTimeoutMs);
+      const resumeStarted = Date.now();
+      service.resumeImported();
+      server.resume();
+      const resumedAt = Date.now();
+      notifier.send({ MAINPID: process.pid, READY: 1, STATUS: `generation ${generation}: took over ${adopted.tasks} tasks` });
+      await notifier.barrier();
+      const pauseMs = resumedAt - adopted.pausedAt;
+      const previous = adopted.predecessorReport;
+      const report: HandoffReport = {
+        ok: true,
+        oldPid: previous?.oldPid ?? successorEnvironment!.parentPid,
+        newPid: process.pid,
+        generation,
+        phasesMs: { ...(previous?.phasesMs ?? {}), resume: resumedAt - resumeStarted },
+        totalMs: (previous?.totalMs ?? 0) + (Date.now() - resumeStarted),
+        pauseMs,
+        tasks: adopted.tasks,
+        connections: adopted.connectionIds.size,
+        fds: previous?.fds ?? 0,
+        bytesInFlight: adopted.bytesInFlight,
+      };
+      successor.done({ pauseMs, phasesMs: { resume: resumedAt - resumeStarted } });
+      if (adopted.requester) {
+        const connectionId = adopted.connectionIds.get(adopted.requester.connectionId);
+        if (connectionId !== undefined) server.replyTo(connectionId, adopted.requester.requestId, report as unknown as Record<string, unknown>);
+      }
+      log.info({ report }, `${serviceName} took over from pid ${report.oldPid}`);
+    } catch (error) {
+      log.error({ err: error }, 'hand-over failed in the successor; exiting (the predecessor rolls back)');
+      process.exit(1);
+    }
+  } else {
+    server.listen(options.socket);
+    notifier.send({ READY: 1, STATUS: `generation ${generation}: listening` });
+    log.info({ socket: options.socket, version: VERSION, node: process.version }, `${serviceName} listening`);
+  }
   return { context, stop, stopped };
 }

@@ -129,6 +129,8 @@ export interface SpliceEngine {
   stats(): SpliceEngineStats;
   /** Stops every relay where it is and returns their state; the engine no longer touches their fds. */
   pauseAll(): PausedRelay[];
+  /** Reports completions that are already waiting, synchronously (before a pause is exported). */
+  flush(): void;
   /** Resumes a paused relay (here, or in a successor that received its fds). */
   resume(relay: PausedRelay): void;
   /** Stops the threads; relays still running end with `shutdown` first. */

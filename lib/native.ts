@@ -176,6 +176,12 @@ export interface NativeBinding {
   tcpInfo(fd: number): TcpInfo;
   /** Sets or clears O_NONBLOCK (read-modify-write of F_GETFL). */
   setNonblocking(fd: number, nonblocking: boolean): void;
+  /** An unbound AF_UNIX SOCK_DGRAM socket (nonblocking, close-on-exec): the sd_notify sender. */
+  datagramSocket(): number;
+  /** A SOCK_DGRAM socket bound to `path` (tests play systemd's notify socket with it). */
+  datagramBind(path: string): number;
+  /** Sends one datagram to `address` with `fds` attached. */
+  datagramSend(fd: number, address: string, data: Uint8Array, fds: number[]): void;
   /**
    * Starts a splice engine (its own epoll threads). `onComplete` receives batches of ended relays on this
    * thread's loop.

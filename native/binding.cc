@@ -10,6 +10,7 @@
 #include "errors.h"
 #include "fd.h"
 #include "memfd.h"
+#include "notify.h"
 #include "seqpacket.h"
 #include "splice_engine.h"
 #include "tcp_info.h"
@@ -23,6 +24,7 @@ Fdferry::Fdferry(Napi::Env env, Napi::Object exports) : receive_buffer_(new char
   InitFd(env, exports);
   InitTcpInfo(env, exports);
   InitMemfd(env, exports);
+  InitNotify(env, exports);
   InitSeqpacket(env, exports, *this);
   InitSpliceEngine(env, exports, *this);
   exports.Set("constants", MakeConstants(env));

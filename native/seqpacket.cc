@@ -21,17 +21,7 @@
 
 namespace fdferry {
 
-namespace {
-
-// Room for the largest SCM_RIGHTS message the kernel will send. alignas: CMSG_FIRSTHDR/CMSG_NXTHDR cast the
-// buffer to struct cmsghdr*, which must be aligned.
-constexpr size_t kControlSize = CMSG_SPACE(sizeof(int) * kMaxFdsPerMessage);
-struct alignas(cmsghdr) ControlBuffer {
-  char bytes[kControlSize];
-};
-
-// ---------------------------------------------------------------------------------------------------------------
-// Addresses and socket creation
+// Addresses (shared with notify.cc; declared in seqpacket.h)
 
 std::string PathArgument(const Napi::CallbackInfo& info, size_t index) {
   if (!info[index].IsString()) throw Napi::TypeError::New(info.Env(), "path must be a string");
@@ -58,6 +48,15 @@ socklen_t UnixAddress(Napi::Env env, const std::string& path, sockaddr_un& addre
   // (sizeof(address) would add trailing NULs to it). Filesystem: include the NUL.
   return static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + (abstract ? 0 : 1));
 }
+
+namespace {
+
+// Room for the largest SCM_RIGHTS message the kernel will send. alignas: CMSG_FIRSTHDR/CMSG_NXTHDR cast the
+// buffer to struct cmsghdr*, which must be aligned.
+constexpr size_t kControlSize = CMSG_SPACE(sizeof(int) * kMaxFdsPerMessage);
+struct alignas(cmsghdr) ControlBuffer {
+  char bytes[kControlSize];
+};
 
 // Every socket we create is nonblocking (the loop must never block) and close-on-exec (a child we spawn gets
 // only the fds we pass on purpose).

@@ -7,7 +7,11 @@
 #include <napi.h>
 #include <uv.h>
 
+#include <sys/socket.h>
+#include <sys/un.h>
+
 #include <deque>
+#include <string>
 #include <vector>
 
 #include "binding.h"
@@ -27,6 +31,13 @@ constexpr int kHighWaterMark = 1024;
 constexpr int kMaxPerWakeup = 32;
 // How long a listener stops accepting after EMFILE & co. (see SeqpacketListener::Accept).
 constexpr uint64_t kAcceptBackoffMs = 100;
+
+// Reads argument `index` as a socket path (a leading NUL means an abstract name).
+std::string PathArgument(const Napi::CallbackInfo& info, size_t index);
+
+// Fills `address` for `path` and returns the length for bind/connect/sendto; throws ENAMETOOLONG/EINVAL as a
+// Node-style error naming `syscall`.
+socklen_t UnixAddress(Napi::Env env, const std::string& path, sockaddr_un& address, const char* syscall);
 
 class SeqpacketSocket final : public Napi::ObjectWrap<SeqpacketSocket>, public LoopResource {
  public:

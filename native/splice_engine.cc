@@ -241,7 +241,12 @@ class SpliceThread {
       paused.push_back(std::move(record));
     }
     shared_->counters.relays -= static_cast<int64_t>(relays_.size());
-    // Nothing references them any more (unregistered); lists are cleaned lazily by id.
+    // Pausing runs as a command in the middle of an epoll batch: later events of that batch may still point at
+    // these relays. Like ended relays they are marked and kept in the graveyard until the batch is done.
+    for (auto& [id, relay] : relays_) {
+      relay->ended = true;
+      graveyard_.push_back(std::move(relay));
+    }
     relays_.clear();
     return paused;
   }
@@ -706,6 +711,7 @@ Napi::Function SpliceEngine::DefineClass(Napi::Env env) {
                                      InstanceMethod<&SpliceEngine::PauseAll>("pauseAll"),
                                      InstanceMethod<&SpliceEngine::Resume>("resume"),
                                      InstanceMethod<&SpliceEngine::Close>("close"),
+                                     InstanceMethod<&SpliceEngine::Flush>("flush"),
                                  });
 }
 
@@ -935,6 +941,12 @@ void SpliceEngine::Resume(const Napi::CallbackInfo& info) {
   relay->last_activity = MonotonicMs();
   Relay* raw = relay.release();
   ThreadFor(id).Post([thread = &ThreadFor(id), raw] { thread->Add(std::unique_ptr<Relay>(raw)); });
+}
+
+void SpliceEngine::Flush(const Napi::CallbackInfo&) {
+  // Completions already in the outbox are reported now rather than on the next loop turn: a hand-over pauses
+  // every relay and must see the ones that ended just before as ended, not as running.
+  if (!closed_) DeliverCompletions();
 }
 
 void SpliceEngine::StopThreads() {

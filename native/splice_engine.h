@@ -119,6 +119,7 @@ class SpliceEngine final : public Napi::ObjectWrap<SpliceEngine>, public LoopRes
   Napi::Value PauseAll(const Napi::CallbackInfo& info);
   void Resume(const Napi::CallbackInfo& info);
   void Close(const Napi::CallbackInfo& info);
+  void Flush(const Napi::CallbackInfo& info);
 
   static void OnNotify(uv_async_t* handle);
   void DeliverCompletions();

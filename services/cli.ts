@@ -24,7 +24,7 @@ await yargs(hideBin(process.argv))
     (y) => splicerOptions(y),
     async (argv) => {
       try {
-        const daemon = startSplicer(argv);
+        const daemon = await startSplicer(argv);
         await daemon.stopped;
         process.exit(0);
       } catch (error) {
@@ -42,7 +42,9 @@ await yargs(hideBin(process.argv))
         .positional('args', { type: 'string', array: true, describe: 'arguments of the command (cancel: a task id)' })
         .option('socket', { type: 'string', describe: 'the daemon socket (default /run/fdferry/<service>.sock)' })
         .option('json', { type: 'boolean', default: false, describe: 'print the raw JSON reply' })
-        .option('timeout', { type: 'number', default: 10_000, describe: 'ms to wait for the reply' })
+        .option('timeout', { type: 'number', default: 30_000, describe: 'ms to wait for the reply' })
+        .option('wait', { type: 'boolean', default: true, describe: 'reload: return only when the hand-over is done (exit 1 if it failed)' })
+        .option('fault', { type: 'string', describe: 'reload: make the successor fail on purpose (tests; needs --allow-fault-injection)' })
         .epilog(Object.entries(CTL_COMMANDS).map(([name, text]) => `  ${name.padEnd(8)} ${text}`).join('\n')),
     async (argv) => {
       process.exitCode = await runCtl({
@@ -52,6 +54,8 @@ await yargs(hideBin(process.argv))
         socket: argv.socket,
         json: argv.json,
         timeoutMs: argv.timeout,
+        wait: argv.wait,
+        ...(argv.fault ? { fault: argv.fault } : {}),
       }).catch(fail);
     },
   )

@@ -29,7 +29,9 @@ export function withCommonOptions<T>(yargs: Argv<T>, service: string) {
     .option('max-body-bytes', { type: 'number', default: DEFAULT_SERVER_LIMITS.maxBodyBytes, describe: 'largest request body (memfd bodies included)', group: 'Limits:' })
     .option('mailbox-max-per-owner', { type: 'number', default: DEFAULT_SERVER_LIMITS.mailbox.maxPerOwner, describe: 'unacknowledged results kept per owner', group: 'Limits:' })
     .option('mailbox-max-total', { type: 'number', default: DEFAULT_SERVER_LIMITS.mailbox.maxTotal, describe: 'unacknowledged results kept overall', group: 'Limits:' })
-    .option('mailbox-max-age', { type: 'number', default: DEFAULT_SERVER_LIMITS.mailbox.maxAgeMs, describe: 'ms an unacknowledged result is kept', group: 'Limits:' });
+    .option('mailbox-max-age', { type: 'number', default: DEFAULT_SERVER_LIMITS.mailbox.maxAgeMs, describe: 'ms an unacknowledged result is kept', group: 'Limits:' })
+    .option('handoff-timeout', { type: 'number', default: 10_000, describe: 'ms a whole hand-over to a successor may take before it is rolled back', group: 'Restart:' })
+    .option('allow-fault-injection', { type: 'boolean', default: false, describe: 'accept "fault" in reload requests (tests only, see docs/restart.md)', group: 'Restart:' });
 }
 
 /** Checks and converts the parsed common flags. */
@@ -43,6 +45,8 @@ export function commonOptionsFrom(argv: {
   mailboxMaxPerOwner: number;
   mailboxMaxTotal: number;
   mailboxMaxAge: number;
+  handoffTimeout: number;
+  allowFaultInjection: boolean;
 }): CommonDaemonOptions {
   const socketMode = Number.parseInt(argv.socketMode, 8);
   if (!/^[0-7]{3,4}$/.test(argv.socketMode)) throw new Error(`--socket-mode must be octal like 0660, got ${argv.socketMode}`);
@@ -53,6 +57,7 @@ export function commonOptionsFrom(argv: {
     'mailbox-max-per-owner': argv.mailboxMaxPerOwner,
     'mailbox-max-total': argv.mailboxMaxTotal,
     'mailbox-max-age': argv.mailboxMaxAge,
+    'handoff-timeout': argv.handoffTimeout,
   })) {
     if (!Number.isSafeInteger(value) || value < 1) throw new Error(`--${flag} must be a positive integer, got ${value}`);
   }
@@ -66,5 +71,7 @@ export function commonOptionsFrom(argv: {
     mailboxMaxPerOwner: argv.mailboxMaxPerOwner,
     mailboxMaxTotal: argv.mailboxMaxTotal,
     mailboxMaxAgeMs: argv.mailboxMaxAge,
+    handoffTimeoutMs: argv.handoffTimeout,
+    allowFaultInjection: argv.allowFaultInjection,
   };
 }

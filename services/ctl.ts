@@ -10,6 +10,7 @@ export const CTL_COMMANDS = {
   tasks: 'every running task: owner, peer pid/uid, age, bytes each way, state',
   cancel: 'end a task now (its envelope goes to its owner): ctl <service> cancel <taskId>',
   ping: 'check that the daemon answers',
+  reload: 'hand everything over to a fresh process (zero downtime); with --wait (default) report when done',
 } as const;
 
 /** Parsed `ctl` arguments. */
@@ -20,6 +21,10 @@ export interface CtlArguments {
   socket: string | undefined;
   json: boolean;
   timeoutMs: number;
+  /** reload: wait for the hand-over to finish (default true). */
+  wait?: boolean;
+  /** reload: a fault for the successor to commit (tests; the daemon must allow it). */
+  fault?: string;
 }
 
 /** Runs one ctl command; resolves with the process exit code. */
@@ -46,8 +51,13 @@ export async function runCtl(options: CtlArguments): Promise<number> {
       if (options.args.length !== 1) throw new Error('cancel takes one task id');
       params.taskId = options.args[0];
     }
+    if (options.command === 'reload') {
+      params.wait = options.wait ?? true;
+      if (options.fault) params.fault = options.fault;
+    }
     const reply = await client.request(options.command, params);
     print(options, reply.result);
+    if (options.command === 'reload' && reply.result.ok === false) return 1;
     return 0;
   } catch (error) {
     const code = error instanceof ProtocolError ? ` (${error.code})` : '';
@@ -59,6 +69,20 @@ export async function runCtl(options: CtlArguments): Promise<number> {
 }
 
 function print(options: CtlArguments, result: Record<string, unknown>): void {
+  if (options.command === 'reload' && !options.json) {
+    if (result.started) {
+      console.log(`reload started (pid ${String(result.pid)})`);
+    } else if (result.ok) {
+      const phases = Object.entries((result.phasesMs ?? {}) as Record<string, number>).map(([phase, ms]) => `${phase} ${ms} ms`).join(', ');
+      console.log(`reloaded: pid ${String(result.oldPid)} -> ${String(result.newPid)} (generation ${String(result.generation)}) in ${String(result.totalMs)} ms`);
+      console.log(`  tasks ${String(result.tasks)}, connections ${String(result.connections)}, fds ${String(result.fds)}, bytes in pipes ${String(result.bytesInFlight)}, pause ${String(result.pauseMs)} ms`);
+      console.log(`  phases: ${phases}`);
+    } else {
+      const failure = (result.failure ?? {}) as Record<string, string>;
+      console.error(`reload failed in ${failure.phase}: ${failure.code}: ${failure.message}; pid ${String(result.oldPid)} is still serving`);
+    }
+    return;
+  }
   if (options.json || options.command !== 'tasks') {
     console.log(JSON.stringify(result, null, options.json ? 0 : 2));
     return;

@@ -59,6 +59,10 @@ export const ErrorCodes = {
   EFDFERRY_TIMEOUT: 'timed out',
   /** The connection closed before a reply arrived (client side). */
   EFDFERRY_DISCONNECTED: 'connection closed',
+  /** A hand-over state file is missing, unsealed, corrupt or of an unknown format. */
+  EFDFERRY_STATE: 'bad hand-over state',
+  /** A hand-over failed and was rolled back; the message says in which phase and why. */
+  EFDFERRY_HANDOFF: 'hand-over failed',
   /** An unexpected failure inside the daemon; the message says what. */
   EFDFERRY_INTERNAL: 'internal error',
 } as const;

@@ -72,6 +72,27 @@ export class Mailbox {
     return kept;
   }
 
+  /** Every entry, oldest first per owner (for a hand-over). */
+  entries(): MailboxEntry[] {
+    return [...this.#byOwner.values()].flatMap((owned) => [...owned.values()]);
+  }
+
+  /** Removes every entry without expiring it and returns them: their fds now belong to the caller. */
+  release(): MailboxEntry[] {
+    const all = this.entries();
+    this.#byOwner.clear();
+    this.#total = 0;
+    return all;
+  }
+
+  /** Puts back an entry exactly as a predecessor kept it (age and delivery count included). */
+  restore(entry: MailboxEntry): void {
+    let owned = this.#byOwner.get(entry.ownerKey);
+    if (!owned) this.#byOwner.set(entry.ownerKey, (owned = new Map()));
+    if (!owned.has(entry.id)) this.#total++;
+    owned.set(entry.id, { ...entry });
+  }
+
   /** The entries waiting for an owner, oldest first. */
   pending(ownerKey: string): MailboxEntry[] {
     return [...(this.#byOwner.get(ownerKey)?.values() ?? [])];

@@ -54,6 +54,12 @@ export interface HandlerResult {
 }
 
 /**
+ * A handler's way of saying "this request is answered later, by `replyTo`" (a reload, whose answer may
+ * come from the successor process).
+ */
+export const DEFERRED = Symbol('fdferry.deferred');
+
+/**
  * One method of a daemon. `parse` validates the parameters (throwing `EFDFERRY_INVALID`), `handle`
  * does the work. A handler that throws must not have kept any of the request's fds: the server sends
  * them back with the error.
@@ -61,7 +67,7 @@ export interface HandlerResult {
 export interface MethodDefinition<P = Record<string, unknown>> {
   fds?: FdSpec;
   parse?: (params: Record<string, unknown>) => P;
-  handle: (context: RequestContext<P>) => HandlerResult | Promise<HandlerResult>;
+  handle: (context: RequestContext<P>) => HandlerResult | typeof DEFERRED | Promise<HandlerResult | typeof DEFERRED>;
 }
 
 /** A method table; `defineMethod` keeps each entry's parameter type. */
@@ -125,6 +131,23 @@ const OWNER_PATTERN = /^[\x21-\x7e]{1,128}$/;
 const FD_EXHAUSTION_CODES = new Set(['EMFILE', 'ENFILE', 'ENOBUFS', 'ENOMEM']);
 const EXHAUSTION_LOG_INTERVAL_MS = 10_000;
 
+/** A connection as it travels to a successor (its fd is an index into the hand-over's fd list). */
+export interface ExportedConnection {
+  fd: number;
+  id: number;
+  peer: PeerCredentials;
+  owner: string | null;
+  ownerKey: string | null;
+  connectedAt: number;
+}
+
+/** The server's part of a hand-over state. */
+export interface ExportedServerState {
+  listener: number | null;
+  connections: ExportedConnection[];
+  mailbox: Array<Omit<MailboxEntry, 'fds'> & { fds: number[] }>;
+}
+
 /** Events of an {@link RpcServer}. */
 export interface RpcServerEvents {
   /** A connection said hello (a returning owner can be told about its kept results). */
@@ -157,6 +180,8 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
   #nextConnectionId = 1;
   #lastExhaustionLog = 0;
   #sweepTimer: NodeJS.Timeout | null = null;
+  #paused = false;
+  #inflightSettled: (() => void) | null = null;
 
   constructor(options: RpcServerOptions) {
     super();
@@ -239,6 +264,115 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
     if (connection) this.#sendEvent(connection, entry);
   }
 
+  /** Answers a request that a handler deferred (see {@link DEFERRED}); false if its connection is gone. */
+  replyTo(connectionId: number, requestId: number, result: Record<string, unknown>): boolean {
+    const connection = this.#connections.get(connectionId);
+    if (!connection) return false;
+    this.#reply(connection, requestId, { result });
+    return true;
+  }
+
+  /**
+   * Hand-over, step 1: stops accepting and reading, then waits until every request in progress is
+   * answered (a request the caller will carry, such as the reload itself, was deferred and does not
+   * count) and every send queue is empty. Rejects after `timeoutMs`.
+   */
+  async pause(timeoutMs: number): Promise<void> {
+    this.#paused = true;
+    this.#listener?.setAccepting(false);
+    for (const connection of this.#connections.values()) connection.channel.setReading(false);
+    const settled = () =>
+      [...this.#connections.values()].every((connection) => connection.inflight === 0 && connection.channel.queued === 0);
+    if (settled()) return;
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.#inflightSettled = null;
+        reject(new ProtocolError('EFDFERRY_BUSY', `requests still in progress or replies unsent after ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.#inflightSettled = () => {
+        if (!settled()) return;
+        clearTimeout(timer);
+        this.#inflightSettled = null;
+        resolve();
+      };
+    });
+  }
+
+  /** Undoes {@link pause} (a rolled-back hand-over), or starts a successor that imported its state. */
+  resume(): void {
+    this.#paused = false;
+    this.#listener?.setAccepting(true);
+    for (const connection of this.#connections.values()) connection.channel.setReading(true);
+  }
+
+  /**
+   * Hand-over, step 2 (paused): describes the listener, every connection and every kept result, adding
+   * their fds to `fds` and recording indices into it.
+   */
+  exportState(fds: number[]): ExportedServerState {
+    const index = (fd: number) => fds.push(fd) - 1;
+    return {
+      listener: this.#listener ? index(this.#listener.fd) : null,
+      connections: [...this.#connections.values()].map((connection) => ({
+        fd: index(connection.channel.fd),
+        id: connection.id,
+        peer: connection.peer,
+        owner: connection.owner,
+        ownerKey: connection.ownerKey,
+        connectedAt: connection.connectedAt,
+      })),
+      mailbox: this.#mailbox.entries().map((entry) => ({
+        ownerKey: entry.ownerKey,
+        id: entry.id,
+        event: entry.event,
+        data: entry.data,
+        fds: entry.fds.map(index),
+        createdAt: entry.createdAt,
+        deliveries: entry.deliveries,
+      })),
+    };
+  }
+
+  /**
+   * Hand-over, after commit: the successor owns everything exported. Closes our copies without a word
+   * to anyone (closing an fd the successor also holds neither ends nor resets the socket).
+   */
+  releaseExported(): void {
+    if (this.#sweepTimer) clearInterval(this.#sweepTimer);
+    this.#sweepTimer = null;
+    this.#listener?.close();
+    this.#listener = null;
+    this.#boundPath = null; // the path now belongs to the successor: never unlink it
+    for (const connection of [...this.#connections.values()]) {
+      connection.channel.removeAllListeners('close');
+      connection.channel.close();
+      this.#connections.delete(connection.id);
+    }
+    this.#owners.clear();
+    this.#options.binding.closeAll(this.#mailbox.release().flatMap((entry) => entry.fds));
+  }
+
+  /**
+   * Successor: adopts a predecessor's listener, connections and kept results, paused until
+   * {@link resume}. Returns the new connection id of each old one.
+   */
+  importState(state: ExportedServerState, fds: readonly number[]): Map<number, number> {
+    this.#paused = true;
+    if (state.listener !== null) {
+      this.adoptListener(fds[state.listener]!);
+      this.#listener!.setAccepting(false);
+    }
+    const ids = new Map<number, number>();
+    for (const exported of state.connections) {
+      const connection = this.#open(fds[exported.fd]!, exported);
+      if (connection) ids.set(exported.id, connection.id);
+    }
+    for (const entry of state.mailbox) {
+      this.#mailbox.restore({ ...entry, fds: entry.fds.map((i) => fds[i]!) });
+    }
+    return ids;
+  }
+
   /** Closes one client's connection (an operator's kick, or a misbehaving peer); false if it is gone. */
   dropConnection(id: number): boolean {
     const connection = this.#connections.get(id);
@@ -287,27 +421,30 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
     this.#open(fd);
   }
 
-  #open(fd: number): void {
+  #open(fd: number, restored?: ExportedConnection): Connection | null {
     const channel = new Channel(fd, this.#options.binding, this.#codec);
+    // A connection adopted from a predecessor stays silent until the hand-over commits.
+    if (this.#paused) channel.setReading(false);
     let peer: PeerCredentials;
     try {
-      peer = channel.peerCredentials();
+      peer = restored?.peer ?? channel.peerCredentials();
     } catch (error) {
       this.#log.warn({ err: error }, 'connection dropped: no peer credentials');
       channel.close();
-      return;
+      return null;
     }
     const id = this.#nextConnectionId++;
     const connection: Connection = {
       id,
       peer,
-      owner: null,
-      ownerKey: null,
-      connectedAt: Date.now(),
+      owner: restored?.owner ?? null,
+      ownerKey: restored?.ownerKey ?? null,
+      connectedAt: restored?.connectedAt ?? Date.now(),
       channel,
       inflight: 0,
-      log: this.#log.child({ conn: id, peerPid: peer.pid, peerUid: peer.uid }),
+      log: this.#log.child({ conn: id, peerPid: peer.pid, peerUid: peer.uid, ...(restored?.owner ? { owner: restored.owner } : {}) }),
     };
+    if (connection.ownerKey) this.#owners.set(connection.ownerKey, connection);
     this.#connections.set(id, connection);
     this.counters.connectionsAccepted++;
     connection.log.debug({ peerGid: peer.gid }, 'connection accepted');
@@ -317,13 +454,17 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
       connection.log.info({ code: error.code, requestId: error.requestId }, `bad message: ${error.message}`);
       this.#reject(connection, error.requestId, error, error.fds);
     });
-    channel.on('drain', () => channel.setReading(true));
+    channel.on('drain', () => {
+      if (!this.#paused) channel.setReading(true);
+      this.#inflightSettled?.();
+    });
     channel.on('close', (error) => {
       this.#connections.delete(id);
       if (connection.ownerKey && this.#owners.get(connection.ownerKey) === connection) this.#owners.delete(connection.ownerKey);
       connection.log.debug({ err: error ?? undefined }, 'connection closed');
       this.emit('disconnect', connection);
     });
+    return connection;
   }
 
   #onMessage(connection: Connection, message: Message): void {
@@ -345,7 +486,9 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
     connection.inflight++;
     this.#dispatch(connection, message)
       .then(
-        (outcome) => this.#reply(connection, message.requestId, outcome),
+        (outcome) => {
+          if (outcome !== DEFERRED) this.#reply(connection, message.requestId, outcome);
+        },
         (error: unknown) => {
           const protocolError =
             error instanceof ProtocolError ? error : new ProtocolError('EFDFERRY_INTERNAL', (error as Error)?.message ?? String(error));
@@ -353,10 +496,13 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
           this.#reject(connection, message.requestId, protocolError, protocolError.fds.length ? protocolError.fds : message.fds);
         },
       )
-      .finally(() => connection.inflight--);
+      .finally(() => {
+        connection.inflight--;
+        this.#inflightSettled?.();
+      });
   }
 
-  async #dispatch(connection: Connection, request: RequestMessage): Promise<HandlerResult> {
+  async #dispatch(connection: Connection, request: RequestMessage): Promise<HandlerResult | typeof DEFERRED> {
     const { method: name, params, fds } = request;
     if (name === 'hello') return this.#hello(connection, params, fds);
     if (connection.ownerKey === null) throw new ProtocolError('EFDFERRY_NOHELLO', `"${name}" before "hello": name an owner first`);

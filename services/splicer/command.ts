@@ -54,8 +54,8 @@ export function splicerOptionsFrom(argv: SplicerArgv): SplicerOptions {
   };
 }
 
-/** Runs Splicer until it is stopped. */
-export function startSplicer(argv: SplicerArgv): RunningDaemon {
+/** Runs Splicer until it is stopped (or has handed over to a successor). */
+export function startSplicer(argv: SplicerArgv): Promise<RunningDaemon> {
   const common = commonOptionsFrom(argv);
   const options = splicerOptionsFrom(argv);
   return runDaemon('splicer', common, (context) => new SplicerService(context, options));

@@ -8,10 +8,12 @@
  */
 import crypto from 'node:crypto';
 import type { DaemonContext, Service } from '../../lib/daemon.js';
-import type { RelayCompletion, SpliceEngine, SpliceEngineOptions } from '../../lib/native-splice.js';
+import type { ExportSummary } from '../../lib/handoff/participant.js';
+import type { PausedRelay, RelayCompletion, SpliceEngine, SpliceEngineOptions } from '../../lib/native-splice.js';
 import { ProtocolError } from '../../lib/protocol/errors.js';
 import { defineMethod, type MethodTable } from '../../lib/rpc/server.js';
 import { buildEnvelope, snapshotTcp } from './envelope.js';
+import { exportRelay, importRelay, pausedFds, type SplicerState } from './handoff.js';
 import { parseSpliceRequest, type SpliceRequestLimits, DEFAULT_REQUEST_LIMITS } from './request.js';
 import { TaskTable, type SpliceTask, type TaskLimits } from './task-table.js';
 
@@ -44,6 +46,8 @@ export class SplicerService implements Service {
   #stopping = false;
   #relaysEnded = 0;
   #onIdle: (() => void) | null = null;
+  /** Relays paused for a hand-over (exported, or imported and waiting for commit). */
+  #paused: PausedRelay[] = [];
 
   constructor(context: DaemonContext, options: SplicerOptions) {
     this.#context = context;
@@ -131,6 +135,58 @@ export class SplicerService implements Service {
       engine: this.#engine.stats(),
       stopping: this.#stopping,
     };
+  }
+
+  pauseAndExport(fds: number[]): { state: Record<string, unknown>; summary: ExportSummary } {
+    this.#paused = this.#engine.pauseAll();
+    // Relays that ended just before the pause have completions waiting: report them now, so they leave as
+    // envelopes (in the mailbox the server exports next) instead of travelling as running relays.
+    this.#engine.flush();
+    const relays = this.#paused.flatMap((paused) => {
+      const task = this.#tasks.byEngineId(paused.id);
+      return task ? [exportRelay(task, paused, fds)] : [];
+    });
+    const state: SplicerState = { nextEngineId: this.#nextEngineId, relaysEnded: this.#relaysEnded, relays };
+    const bytesInFlight = this.#paused.reduce((sum, p) => sum + (p.pipeAToB?.bytes ?? 0) + (p.pipeBToA?.bytes ?? 0), 0);
+    return { state: state as unknown as Record<string, unknown>, summary: { tasks: relays.length, bytesInFlight } };
+  }
+
+  resumeAfterRollback(): void {
+    for (const paused of this.#paused) this.#engine.resume(paused);
+    this.#paused = [];
+  }
+
+  releaseExported(): void {
+    const { binding } = this.#context;
+    for (const paused of this.#paused) {
+      binding.closeAll(pausedFds(paused));
+      const task = this.#tasks.byEngineId(paused.id);
+      if (task) this.#tasks.remove(task);
+    }
+    this.#paused = [];
+    this.#engine.close();
+  }
+
+  importState(state: Record<string, unknown>, fds: readonly number[]): ExportSummary {
+    const { binding } = this.#context;
+    const splicer = state as unknown as SplicerState;
+    if (!Array.isArray(splicer.relays) || typeof splicer.nextEngineId !== 'number') {
+      throw new ProtocolError('EFDFERRY_STATE', 'splicer state: no relay list');
+    }
+    const imported = splicer.relays.map((record) => importRelay(record, fds, (fd) => binding.describeFd(fd)));
+    for (const { task, paused } of imported) {
+      this.#tasks.add(task);
+      this.#paused.push(paused);
+    }
+    this.#nextEngineId = Math.max(this.#nextEngineId, splicer.nextEngineId);
+    this.#relaysEnded = splicer.relaysEnded ?? 0;
+    const bytesInFlight = this.#paused.reduce((sum, p) => sum + (p.pipeAToB?.bytes ?? 0) + (p.pipeBToA?.bytes ?? 0), 0);
+    return { tasks: imported.length, bytesInFlight };
+  }
+
+  resumeImported(): void {
+    for (const paused of this.#paused) this.#engine.resume(paused);
+    this.#paused = [];
   }
 
   /**

@@ -24,6 +24,8 @@ export interface TestDaemon {
   waitForLog(predicate: (line: Record<string, unknown>) => boolean, ms?: number): Promise<Record<string, unknown>>;
   /** Resolves with the exit code (or signal name) once the process has exited. */
   exited: Promise<number | string>;
+  /** Everything the daemon (and its successors) wrote to stderr. */
+  stderr(): string;
   /** Open fds of the daemon process right now. */
   openFds(): number;
   /** Sends a signal to the daemon (by the pid we started). */
@@ -125,6 +127,7 @@ export async function startDaemon(
     waitForLog,
     exited,
     openFds: () => fs.readdirSync(`/proc/${pid}/fd`).length,
+    stderr: () => stderr,
     kill: (signal = 'SIGTERM') => {
       if (child.exitCode === null && child.signalCode === null) process.kill(pid, signal);
     },

@@ -88,9 +88,13 @@ const server: RpcServer = new RpcServer({
           const started = Date.now();
           const timer = setTimeout(() => {
             pending.delete(timer);
-            if (params.fail === undefined) resolve({ result: { waited: Date.now() - started }, fds });
-            // The server gives the request's fds back with the error.
-            else reject(new ProtocolError(isErrorCode(params.fail) ? params.fail : 'EFDFERRY_INTERNAL', `failed as asked after ${params.ms} ms`));
+            if (params.fail === undefined) {
+              resolve({ result: { waited: Date.now() - started }, fds });
+              return;
+            }
+            // A handler that fails keeps no fds: the server gives the request's fds back with the error.
+            const code = isErrorCode(params.fail) ? params.fail : 'EFDFERRY_INTERNAL';
+            reject(new ProtocolError(code, `failed as asked after ${params.ms} ms`));
           }, params.ms);
           pending.set(timer, fds);
         }),

@@ -281,6 +281,18 @@ export class FakeBinding implements NativeBinding {
 
   setNonblocking(): void {}
 
+  datagramSocket(): never {
+    throw new Error('the fake binding has no datagram sockets');
+  }
+
+  datagramBind(): never {
+    throw new Error('the fake binding has no datagram sockets');
+  }
+
+  datagramSend(): never {
+    throw new Error('the fake binding has no datagram sockets');
+  }
+
   createSpliceEngine(): never {
     throw new Error('the fake binding has no splice engine; Splicer tests use the real addon');
   }

@@ -21,9 +21,12 @@ export interface StreamPair {
 /** Makes connected pairs; one listening server per TCP family, closed at teardown. */
 export class PairFactory {
   readonly #servers = new Map<PairKind, Promise<net.Server>>();
-  /** Accepted sockets by the connecting side's port, so concurrent connects pair up correctly. */
-  readonly #accepted = new Map<number, net.Socket>();
-  readonly #waiting = new Map<number, (socket: net.Socket) => void>();
+  /**
+   * Accepted sockets by family and the connecting side's port, so concurrent connects pair up correctly
+   * (an IPv4 and an IPv6 connection may well use the same ephemeral port at once).
+   */
+  readonly #accepted = new Map<string, net.Socket>();
+  readonly #waiting = new Map<string, (socket: net.Socket) => void>();
   readonly #binding: NativeBinding;
 
   constructor(t: Test, binding: NativeBinding) {
@@ -44,7 +47,7 @@ export class PairFactory {
 
   async #listen(kind: 'tcp4' | 'tcp6'): Promise<net.Server> {
     const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true }, (socket) => {
-      const port = socket.remotePort!;
+      const port = `${kind}:${socket.remotePort!}`;
       const waiter = this.#waiting.get(port);
       if (waiter) {
         this.#waiting.delete(port);
@@ -67,7 +70,7 @@ export class PairFactory {
     const address = server.address() as net.AddressInfo;
     const near = net.connect({ port: address.port, host: address.address, allowHalfOpen: true });
     await new Promise<void>((resolve, reject) => near.once('connect', resolve).once('error', reject));
-    const port = near.localPort!;
+    const port = `${kind}:${near.localPort!}`;
     const early = this.#accepted.get(port);
     this.#accepted.delete(port);
     const far = early ?? (await new Promise<net.Socket>((resolve) => this.#waiting.set(port, resolve)));

@@ -161,8 +161,18 @@ const cases: BodyCase[] = [
     code: 'EFDFERRY_NOTMEMFD',
     seals: 'none',
   },
-  { name: 'a sealed memfd larger than declared', makeBodyFd: (body) => memfdWith(body), declared: (body) => body.length - 1, code: 'EFDFERRY_LENGTH' },
-  { name: 'a sealed memfd smaller than declared', makeBodyFd: (body) => memfdWith(body), declared: (body) => body.length + 1, code: 'EFDFERRY_LENGTH' },
+  {
+    name: 'a sealed memfd larger than declared',
+    makeBodyFd: (body) => memfdWith(body),
+    declared: (body) => body.length - 1,
+    code: 'EFDFERRY_LENGTH',
+  },
+  {
+    name: 'a sealed memfd smaller than declared',
+    makeBodyFd: (body) => memfdWith(body),
+    declared: (body) => body.length + 1,
+    code: 'EFDFERRY_LENGTH',
+  },
 ];
 
 for (const c of cases) {

@@ -317,9 +317,10 @@ t.test('peer credentials and owner key match the real client process', async (t)
   const childOwner = uniqueName('peer-child');
   const child = spawnClientChild(t, 'peer', daemon.socket, [childOwner]);
   const line = await child.waitFor((l) => 'result' in l || 'error' in l, WAIT, 'the peer report');
+  t.same([line.uid, line.gid], [uid, gid], 'the child runs as this user');
   t.same(
     line.result,
-    { peer: { pid: child.pid, uid: line.uid, gid: line.gid }, owner: childOwner, ownerKey: `${String(line.uid)}:${childOwner}` },
+    { peer: { pid: child.pid, uid, gid }, owner: childOwner, ownerKey: `${uid}:${childOwner}` },
     'a child process: its own pid, uid and gid',
   );
   t.not(child.pid, process.pid);

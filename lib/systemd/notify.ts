@@ -1,0 +1,80 @@
+/**
+ * sd_notify without libsystemd: one datagram of `KEY=VALUE` lines to `$NOTIFY_SOCKET`, sent by the
+ * daemon itself through the addon. When NOTIFY_SOCKET is unset every call is a successful no-op.
+ *
+ * See `../shared/notes/systemd-restart.md` §1: on systemd 252, a successor announces itself with
+ * `MAINPID=`, then `READY=1`, then `BARRIER=1` (one fd attached; systemd closes it once it has processed
+ * everything before it), so the old process never exits before systemd knows the new main pid.
+ */
+import net from 'node:net';
+import type { NativeBinding } from '../native.js';
+
+/** The native calls notification needs. */
+export type NotifyBinding = Pick<NativeBinding, 'datagramSocket' | 'datagramSend' | 'streamPair' | 'closeAll'>;
+
+/** Largest datagram systemd reads (PIPE_BUF). */
+const MAX_NOTIFY_BYTES = 4096;
+
+/** Talks to the service manager, if there is one. */
+export class Notifier {
+  readonly #binding: NotifyBinding;
+  readonly #address: string | null;
+  #fd = -1;
+
+  constructor(binding: NotifyBinding, env: NodeJS.ProcessEnv = process.env) {
+    this.#binding = binding;
+    const socket = env.NOTIFY_SOCKET;
+    // `@name` is an abstract address: systemd writes the leading NUL as '@'.
+    this.#address = socket ? (socket.startsWith('@') ? `\0${socket.slice(1)}` : socket) : null;
+  }
+
+  /** Whether a service manager listens. */
+  get enabled(): boolean {
+    return this.#address !== null;
+  }
+
+  /** Sends `fields` (and `fds`) in one datagram. Newlines in values are replaced: one field, one line. */
+  send(fields: Record<string, string | number>, fds: number[] = []): void {
+    if (!this.#address) return;
+    const text = Object.entries(fields)
+      .map(([key, value]) => `${key}=${String(value).replace(/\n/g, ' ')}`)
+      .join('\n');
+    const data = Buffer.from(text, 'utf8').subarray(0, MAX_NOTIFY_BYTES);
+    if (this.#fd < 0) this.#fd = this.#binding.datagramSocket();
+    this.#binding.datagramSend(this.#fd, this.#address, data, fds);
+  }
+
+  /**
+   * `BARRIER=1`: resolves once the service manager has processed every earlier message (it closes the fd
+   * we send; we see EOF on the other end), or after `timeoutMs` (resolving false).
+   */
+  async barrier(timeoutMs = 5_000): Promise<boolean> {
+    if (!this.#address) return true;
+    const [mine, theirs] = this.#binding.streamPair();
+    try {
+      this.send({ BARRIER: 1 }, [theirs]);
+    } finally {
+      // Our copy must go, or the other end never sees EOF.
+      this.#binding.closeAll([theirs]);
+    }
+    const socket = new net.Socket({ fd: mine, readable: true, writable: false });
+    return new Promise<boolean>((resolve) => {
+      const timer = setTimeout(() => finish(false), timeoutMs);
+      const finish = (done: boolean) => {
+        clearTimeout(timer);
+        socket.destroy();
+        resolve(done);
+      };
+      socket.on('data', () => undefined);
+      socket.once('end', () => finish(true));
+      socket.once('close', () => finish(true));
+      socket.once('error', () => finish(true));
+    });
+  }
+
+  /** Closes the sending socket. */
+  close(): void {
+    if (this.#fd >= 0) this.#binding.closeAll([this.#fd]);
+    this.#fd = -1;
+  }
+}

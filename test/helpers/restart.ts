@@ -1,0 +1,96 @@
+/**
+ * Helpers for hand-over tests: reloading through `fdferry ctl`, following a daemon across generations
+ * (the successor's pid comes from the reload report), and streaming relays that never pause while their
+ * bytes are hashed on both ends.
+ */
+import { execFile } from 'node:child_process';
+import crypto from 'node:crypto';
+import type net from 'node:net';
+import type { Test } from 'tap';
+import { cliCommand } from './daemon.js';
+
+/** The report `fdferry ctl <service> reload --json` prints. */
+export interface ReloadResult {
+  exitCode: number;
+  report: Record<string, unknown> & { ok: boolean; oldPid: number; newPid: number | null; failure?: { phase: string; code: string } };
+}
+
+/** Runs `fdferry ctl <service> reload --json [--fault F]` and parses its report. */
+export function reload(service: string, socket: string, fault?: string): Promise<ReloadResult> {
+  const { command, args } = cliCommand();
+  const extra = fault ? ['--fault', fault] : [];
+  return new Promise((resolve, reject) => {
+    execFile(command, [...args, 'ctl', service, 'reload', '--json', '--socket', socket, ...extra], { timeout: 60_000 }, (error, stdout, stderr) => {
+      const line = stdout.trim().split('\n').pop() ?? '';
+      try {
+        resolve({ exitCode: error ? ((error as { code?: number }).code ?? 1) : 0, report: JSON.parse(line) as ReloadResult['report'] });
+      } catch {
+        reject(new Error(`reload printed no report (exit ${String((error as { code?: number } | null)?.code)}): ${stdout} ${stderr}`));
+      }
+    });
+  });
+}
+
+/** Whether a process exists. */
+export function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Follows a daemon across hand-overs and kills the live generation at teardown. */
+export class Generations {
+  readonly pids: number[];
+  constructor(t: Test, firstPid: number) {
+    this.pids = [firstPid];
+    t.teardown(() => {
+      for (const pid of this.pids) if (alive(pid)) process.kill(pid, 'SIGKILL');
+    });
+  }
+  /** The live generation's pid. */
+  get current(): number {
+    return this.pids[this.pids.length - 1]!;
+  }
+  /** Records the successor named by a successful reload. */
+  add(pid: number): void {
+    this.pids.push(pid);
+  }
+}
+
+/**
+ * Streams random bytes from `socket` without pause (writing again as soon as the kernel takes the last
+ * chunk) until `stop()`, then half-closes; `sent()` is the sha256 and count of everything written.
+ */
+export function streamForever(socket: net.Socket, pool: Buffer, chunk = 16 * 1024) {
+  const hash = crypto.createHash('sha256');
+  let bytes = 0;
+  let stopped = false;
+  let resolveDone!: () => void;
+  const done = new Promise<void>((resolve) => (resolveDone = resolve));
+  const pump = () => {
+    while (!stopped) {
+      const offset = crypto.randomInt(0, pool.length - chunk);
+      const data = pool.subarray(offset, offset + chunk);
+      hash.update(data);
+      bytes += data.length;
+      if (!socket.write(data)) {
+        socket.once('drain', pump);
+        return;
+      }
+    }
+    socket.end(() => resolveDone());
+  };
+  setImmediate(pump);
+  return {
+    // The pump only ever waits for 'drain', and sees the flag when it comes back.
+    stop: () => {
+      stopped = true;
+      return done;
+    },
+    sent: () => ({ sha256: hash.digest('hex'), bytes }),
+    bytes: () => bytes,
+  };
+}
