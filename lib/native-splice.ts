@@ -52,6 +52,9 @@ export interface RelayCompletion {
   /** Wall-clock milliseconds (Date.now() scale). */
   startedAt: number;
   endedAt: number;
+  /** Bytes read from A (resp. B) that never reached the other side because the relay ended first; null when none. */
+  unsentAToB: Buffer | null;
+  unsentBToA: Buffer | null;
 }
 
 /** A live relay as `snapshot()` sees it. */

@@ -538,7 +538,7 @@ class SpliceThread {
   }
 
   // Gives an empty pipe back to the pool (or closes it beyond the idle limit). A pipe that still holds bytes is
-  // never pooled: those bytes belong to a relay that ended abnormally, and are dropped with it.
+  // never pooled (End empties it first, into the envelope).
   void ReturnPipe(Direction& d) {
     if (!d.pipe.valid()) return;
     Pipe pipe = std::exchange(d.pipe, Pipe{});
@@ -604,10 +604,32 @@ class SpliceThread {
     for (auto& [relay, reason] : expired) End(relay, reason, 0, 0);
   }
 
+  // Takes what a direction read but did not deliver: what is left of its preface, of its copy buffer and of
+  // its pipe, in the order it would have been written.
+  std::string TakeUnsent(Direction& d) {
+    std::string unsent = d.preface.substr(std::min(d.preface_sent, d.preface.size()));
+    if (d.buffer_sent < d.buffered) unsent.append(d.buffer.data() + d.buffer_sent, d.buffered - d.buffer_sent);
+    size_t start = unsent.size();
+    if (d.pipe.valid() && d.in_pipe > 0) {
+      unsent.resize(start + d.in_pipe);
+      size_t got = 0;
+      while (got < d.in_pipe) {
+        ssize_t n = read(d.pipe.read_end, unsent.data() + start + got, d.in_pipe - got);
+        if (n <= 0) break;
+        got += static_cast<size_t>(n);
+      }
+      unsent.resize(start + got);
+      d.in_pipe = 0;  // emptied: the pipe can go back to the pool
+    }
+    return unsent;
+  }
+
   void End(Relay* relay, const char* reason, int err, char side) {
     if (relay->ended) return;
     relay->ended = true;
     Unregister(relay);
+    std::string unsent_ab = TakeUnsent(relay->ab);
+    std::string unsent_ba = TakeUnsent(relay->ba);
     ReturnPipe(relay->ab);
     ReturnPipe(relay->ba);
     if (relay->idle_timeout_ms > 0 || relay->max_duration_ms > 0) timed_relays_--;
@@ -622,6 +644,8 @@ class SpliceThread {
     record.finished_ba = relay->ba.finished;
     record.started_at = relay->started_wall;
     record.ended_at = WallMs();
+    record.unsent_ab = std::move(unsent_ab);
+    record.unsent_ba = std::move(unsent_ba);
     shared_->counters.relays--;
     shared_->Complete(record);
     // Freed after the current epoll batch: later events of the batch may still point at its endpoints.
@@ -1003,6 +1027,8 @@ void SpliceEngine::DeliverCompletions() {
     object.Set("finishedBToA", c.finished_ba);
     object.Set("startedAt", c.started_at);
     object.Set("endedAt", c.ended_at);
+    object.Set("unsentAToB", c.unsent_ab.empty() ? env.Null() : Napi::Value(Napi::Buffer<char>::Copy(env, c.unsent_ab.data(), c.unsent_ab.size())));
+    object.Set("unsentBToA", c.unsent_ba.empty() ? env.Null() : Napi::Value(Napi::Buffer<char>::Copy(env, c.unsent_ba.data(), c.unsent_ba.size())));
     list.Set(index++, object);
   }
   CallIntoJs(env, async_context_, Value(), on_complete_.Value(), {list});

@@ -63,6 +63,10 @@ struct RelayCompletionRecord {
   bool finished_ba = false;
   double started_at = 0;  // wall-clock ms
   double ended_at = 0;
+  // Bytes read from one side but never delivered to the other (a relay that ended with bytes in flight):
+  // they go back to the owner in the envelope instead of being dropped.
+  std::string unsent_ab;
+  std::string unsent_ba;
 };
 
 // Everything a paused relay needs to resume (here, or in a successor that received its fds).

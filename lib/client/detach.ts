@@ -26,6 +26,14 @@ function handleFd(socket: net.Socket): number {
   return fd;
 }
 
+/** Throws if a socket cannot be detached, so a call can check every socket before it detaches any. */
+export function assertDetachable(socket: SocketLike): void {
+  if (typeof socket === 'number') return;
+  if (socket.destroyed) throw new Error('the net.Socket is destroyed');
+  if (socket.connecting) throw new Error('the net.Socket is still connecting');
+  handleFd(socket);
+}
+
 /**
  * Detaches a connected `net.Socket`: resolves with a duplicate of its fd and the unread bytes, after
  * which the socket is destroyed. Writes still queued in Node are flushed first.

@@ -11,7 +11,7 @@ import { loadNative, type NativeBinding } from '../native.js';
 import { RpcClient, type HelloResult, type RpcEvent } from '../rpc/client.js';
 import { ProtocolError } from '../protocol/errors.js';
 import { defaultSocketPath } from '../version.js';
-import { adoptSocket, toDetached, type SocketLike } from './detach.js';
+import { adoptSocket, assertDetachable, toDetached, type SocketLike } from './detach.js';
 import type { Envelope } from '../protocol/splicer.js';
 
 export type { Envelope } from '../protocol/splicer.js';
@@ -104,6 +104,9 @@ export class SplicerClient<S extends 'net' | 'fd' = 'net'> extends EventEmitter<
    * on the rejection error (`error.fds`) if Splicer refuses them.
    */
   async start(a: SocketLike, b: SocketLike, meta: Record<string, unknown> = {}, options: SpliceOptions = {}): Promise<StartedRelay<SocketOf<S>>> {
+    // Both are checked before either is detached: a failure must not cost the caller the other socket.
+    assertDetachable(a);
+    assertDetachable(b);
     const first = await toDetached(a, this.#binding);
     let second;
     try {
@@ -125,6 +128,10 @@ export class SplicerClient<S extends 'net' | 'fd' = 'net'> extends EventEmitter<
     try {
       const reply = await this.#rpc.request('splice', params, [first.fd, second.fd]);
       taskId = String(reply.result.taskId);
+    } catch (error) {
+      // The fds come back on the error; the bytes Node had already read from them must come back too.
+      if (error instanceof ProtocolError) error.prefaces = [first.preface, second.preface];
+      throw error;
     } finally {
       this.#requestsInFlight--;
     }

@@ -89,6 +89,11 @@ export class ProtocolError extends Error {
   fds: number[];
   /** The request this error answers; 0 when none could be read (a connection-level fault). */
   requestId = 0;
+  /**
+   * Client side: bytes already read from the returned fds (unconsumed data a `net.Socket` held when it
+   * was detached), in the same order as `fds`. Deliver them before anything read from the fd.
+   */
+  prefaces: Buffer[] | undefined;
 
   constructor(code: ErrorCode, message?: string, details?: Record<string, unknown>, fds: number[] = []) {
     super(message ?? ErrorCodes[code]);

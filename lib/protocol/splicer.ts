@@ -30,6 +30,12 @@ export interface Envelope {
   startedAt: number;
   endedAt: number;
   durationMs: number;
+  /**
+   * Bytes read from A (resp. B) that had not reached the other side when the relay ended (cancel, timeout,
+   * cap, error, shutdown), base64; empty when everything was delivered. Nothing is silently dropped.
+   */
+  unsentAToB: string;
+  unsentBToA: string;
   /** `TCP_INFO` of each socket taken as the relay ended; null for a non-TCP socket. */
   tcpInfo: { a: TcpSnapshot | null; b: TcpSnapshot | null };
 }

@@ -257,7 +257,7 @@ export class RpcClient extends EventEmitter<RpcClientEvents> {
         // The originals we held are complete even if the returned copies were cut short in transit.
         binding.closeAll(message.fds);
         if (!pending) {
-          this.emit('error', new ProtocolError(code, `daemon: ${message.error.message}`, message.error.details));
+          this.#reportError(new ProtocolError(code, `daemon: ${message.error.message}`, message.error.details));
           return;
         }
         pending.reject(new ProtocolError(code, message.error.message, message.error.details, pending.heldFds));
@@ -268,7 +268,7 @@ export class RpcClient extends EventEmitter<RpcClientEvents> {
         return;
       case 'request':
         binding.closeAll(message.fds);
-        this.emit('error', new ProtocolError('EFDFERRY_TYPE', 'the daemon sent a request'));
+        this.#reportError(new ProtocolError('EFDFERRY_TYPE', 'the daemon sent a request'));
         return;
     }
   }
@@ -289,8 +289,13 @@ export class RpcClient extends EventEmitter<RpcClientEvents> {
       error.fds = pending.heldFds;
       pending.reject(error);
     } else {
-      this.emit('error', error);
+      this.#reportError(error);
     }
+  }
+
+  /** 'error' events are for whoever listens; with no listener they must not crash the application. */
+  #reportError(error: Error): void {
+    if (this.listenerCount('error')) this.emit('error', error);
   }
 
   #onClose(channel: Channel, error: Error | null): void {
@@ -314,7 +319,7 @@ export class RpcClient extends EventEmitter<RpcClientEvents> {
       this.#reconnectTimer = null;
       if (this.#closedByUser || this.connected) return;
       this.connect().catch((error: Error) => {
-        if (this.listenerCount('error')) this.emit('error', error);
+        this.#reportError(error);
         if (!this.#closedByUser && !this.connected && !this.#reconnectTimer) this.#scheduleReconnect();
       });
     }, delay);

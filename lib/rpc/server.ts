@@ -460,11 +460,24 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
     });
     channel.on('close', (error) => {
       this.#connections.delete(id);
-      if (connection.ownerKey && this.#owners.get(connection.ownerKey) === connection) this.#owners.delete(connection.ownerKey);
+      if (connection.ownerKey && this.#owners.get(connection.ownerKey) === connection) this.#passOwnership(connection.ownerKey);
       connection.log.debug({ err: error ?? undefined }, 'connection closed');
       this.emit('disconnect', connection);
     });
     return connection;
+  }
+
+  /**
+   * The owner's registered connection closed: if the owner has another connection open, results go there
+   * from now on (and what is kept is sent to it), instead of waiting for a hello that will not come.
+   */
+  #passOwnership(ownerKey: string): void {
+    this.#owners.delete(ownerKey);
+    let next: Connection | undefined;
+    for (const candidate of this.#connections.values()) if (candidate.ownerKey === ownerKey) next = candidate;
+    if (!next) return;
+    this.#owners.set(ownerKey, next);
+    for (const entry of this.#mailbox.pending(ownerKey)) this.#sendEvent(next, entry);
   }
 
   #onMessage(connection: Connection, message: Message): void {
@@ -604,16 +617,26 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
 
   #sendEvent(connection: Connection, entry: MailboxEntry): void {
     entry.deliveries++;
-    this.#send(connection, { type: 'event', requestId: 0, event: entry.event, id: entry.id, data: entry.data, fds: entry.fds });
+    try {
+      this.#send(connection, { type: 'event', requestId: 0, event: entry.event, id: entry.id, data: entry.data, fds: entry.fds });
+    } catch (error) {
+      // Unencodable (too many fds with a spilled body, too big): the entry stays kept and logged; the owner's
+      // connection is not punished for it.
+      connection.log.error({ err: error, id: entry.id, event: entry.event }, 'a kept result cannot be encoded; it stays in the mailbox');
+    }
   }
 
   #reply(connection: Connection, requestId: number, outcome: HandlerResult): void {
     const fds = outcome.fds ?? [];
     try {
       this.#send(connection, { type: 'reply', requestId, result: outcome.result, fds });
-    } finally {
-      this.#options.binding.closeAll(fds);
+    } catch (error) {
+      // The reply cannot be encoded: the request still gets exactly one answer, an error, with the fds
+      // (#reject closes our copies).
+      this.#reject(connection, requestId, new ProtocolError('EFDFERRY_INTERNAL', `the reply could not be encoded: ${(error as Error).message}`), fds);
+      return;
     }
+    this.#options.binding.closeAll(fds);
   }
 
   /** Answers with an error and gives `fds` back to the peer; the server's copies are closed either way. */
@@ -621,20 +644,31 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
     this.counters.errors++;
     const wire = { code: error.code, message: error.message, ...(error.details ? { details: error.details } : {}) };
     try {
-      const sent = this.#send(connection, { type: 'error', requestId, error: wire, fds });
+      let sent: boolean;
+      try {
+        sent = this.#send(connection, { type: 'error', requestId, error: wire, fds });
+      } catch {
+        // An error message is small; it can only fail to encode with more fds than a message holds.
+        sent = this.#send(connection, { type: 'error', requestId, error: { ...wire, message: `${wire.message} (its fds could not be returned)` }, fds: [] });
+      }
       if (!sent && fds.length) connection.log.warn({ fds: fds.length, code: error.code }, 'could not return fds: the client is gone');
     } finally {
       this.#options.binding.closeAll(fds);
     }
   }
 
-  /** Sends, applying backpressure (stop reading until the queue drains); false when the message could not go. */
+  /**
+   * Sends, applying backpressure (stop reading until the queue drains). Returns false when the peer is
+   * gone (the connection is closed then). Throws the {@link ProtocolError} of a message that cannot be
+   * encoded: that is the sender's problem, not the connection's.
+   */
   #send(connection: Connection, message: Message): boolean {
     if (connection.channel.closed) return false;
     try {
       if (!connection.channel.send(message)) connection.channel.setReading(false);
       return true;
     } catch (error) {
+      if (error instanceof ProtocolError) throw error;
       // A peer that went away (EPIPE, ECONNRESET) is ordinary; anything else deserves attention.
       const code = (error as NodeJS.ErrnoException).code;
       const level = code === 'EPIPE' || code === 'ECONNRESET' ? 'debug' : 'warn';

@@ -43,6 +43,8 @@ export function buildEnvelope(task: SpliceTask, completion: RelayCompletion, tcp
     startedAt: completion.startedAt,
     endedAt: completion.endedAt,
     durationMs: completion.endedAt - completion.startedAt,
+    unsentAToB: completion.unsentAToB ? completion.unsentAToB.toString('base64') : '',
+    unsentBToA: completion.unsentBToA ? completion.unsentBToA.toString('base64') : '',
     tcpInfo: tcp,
   };
 }

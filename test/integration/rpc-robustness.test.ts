@@ -653,7 +653,6 @@ t.test('SIGTERM: pending requests fail as disconnected with their fds back, and 
 });
 
 /** A known lib bug: the assertions that show it are marked todo until lib is fixed (then drop the mark). */
-const UNENCODABLE_REPLY_BUG = 'lib/rpc/server.ts #send closes the connection when a reply cannot be encoded';
 
 t.test('a reply too large to encode with its fds is answered with an error, not a dropped connection', async (t) => {
   const daemon = await startEchoDaemon(t);
@@ -668,10 +667,9 @@ t.test('a reply too large to encode with its fds is answered with an error, not 
     (error: ProtocolError) => ({ code: error.code, fds: error.fds }),
   );
   t.not(outcome.code, 'EFDFERRY_DISCONNECTED', 'answered on the connection, not by dropping it', {
-    todo: UNENCODABLE_REPLY_BUG,
     code: outcome.code,
   });
-  t.ok(client.connected, 'the connection is still open', { todo: UNENCODABLE_REPLY_BUG });
+  t.ok(client.connected, 'the connection is still open');
   t.equal(outcome.fds.length, 253, 'the 253 fds come back either way');
   binding.closeAll(outcome.fds);
   client.close();

@@ -424,8 +424,6 @@ t.test('a result delivered while its owner is connected arrives at once, fd incl
 });
 
 /** Known lib bugs: the assertions that show them are marked todo until lib is fixed (then drop the mark). */
-const LATE_ERROR_BUG = 'lib/rpc/client.ts emits "error" for an unmatched error answer even with no listener, which throws';
-const OWNER_BUG = 'lib/rpc/server.ts keeps one connection per owner key and forgets the owner when the newest closes';
 
 t.test('an error answer arriving after its request timed out does not crash a client without an error listener', async (t) => {
   const daemon = await startEchoDaemon(t);
@@ -434,10 +432,9 @@ t.test('an error answer arriving after its request timed out does not crash a cl
   t.equal(early.early, 'EFDFERRY_TIMEOUT', 'the first request timed out client-side');
   const status = await withDeadline(child.exited, WAIT, 'the child to finish');
   t.ok(child.lines.items.some((line) => line.survived === true), 'the client lived on after the late error', {
-    todo: LATE_ERROR_BUG,
     output: child.output(),
   });
-  t.equal(status, 0, 'and exited cleanly', { todo: LATE_ERROR_BUG });
+  t.equal(status, 0, 'and exited cleanly');
 });
 
 t.test('an owner with two connections: closing the newer one does not stop results reaching the older', async (t) => {
@@ -461,7 +458,7 @@ t.test('an owner with two connections: closing the newer one does not stop resul
     (list) => list,
     () => [] as RpcEvent[],
   );
-  t.equal(delivered.length, 1, 'the still-connected older connection gets the result at once', { todo: OWNER_BUG });
+  t.equal(delivered.length, 1, 'the still-connected older connection gets the result at once');
   for (const event of delivered) binding.closeAll(event.fds);
   await older.ack([result.id as string]);
   older.close();

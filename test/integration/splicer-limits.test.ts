@@ -420,10 +420,6 @@ t.test('malformed splice requests are refused with the right code, and the fds s
   t.match(await status(observer), { tasks: 0, mailbox: 0 }, 'nothing was left running or kept');
 });
 
-// Known bugs in lib/client/splicer.ts start(), reported to the lead: the assertions marked with these run,
-// and are reported as TODO instead of failing until the client is fixed.
-const PREFACE_BUG = { todo: 'start() drops the bytes it detached as a preface when the request is refused' };
-const FIRST_SOCKET_BUG = { todo: 'start() closes `a` when `b` cannot be detached' };
 
 t.test(
   'client: a refused or failed start() gives back everything it took, bytes Node had read included',
@@ -448,8 +444,8 @@ t.test(
     const back = new net.Socket({ fd: refused.fds[0]!, readable: true, writable: true });
     const later = receiveBytes(back, 5);
     left.near.write('later');
-    const kept = (refused as ProtocolError & { prefaces?: Uint8Array[] }).prefaces?.[0];
-    t.equal(Buffer.from(kept ?? []).toString() + (await withDeadline(later, WAIT, 'bytes on the returned fd')).toString(), 'unreadlater', 'the unread bytes come back with the fds', PREFACE_BUG);
+    const kept = refused.prefaces?.[0];
+    t.equal(Buffer.from(kept ?? []).toString() + (await withDeadline(later, WAIT, 'bytes on the returned fd')).toString(), 'unreadlater', 'the unread bytes come back with the fds');
     back.destroy();
     binding.closeAll([refused.fds[1]!]);
 
@@ -463,7 +459,7 @@ t.test(
     );
     t.ok(failed, 'start() fails');
     const usable = !other.far.destroyed ? other.far : failed?.fds?.[0] !== undefined ? new net.Socket({ fd: failed.fds[0], readable: true, writable: true }) : null;
-    t.ok(usable, 'socket a is still open, or comes back on the error', FIRST_SOCKET_BUG);
+    t.ok(usable, 'socket a is still open, or comes back on the error');
     if (usable) {
       const heard = receiveBytes(other.near, 4);
       usable.write('mine');
@@ -474,8 +470,6 @@ t.test(
     for (const socket of [left.near, right.near, other.near, dead.near]) socket.destroy();
   },
 );
-
-const PIPE_BYTES_BUG = { todo: 'a relay that ends while bytes sit in its pipe (cancel, timeouts, shutdown) drops them: native/splice_engine.cc End()' };
 
 t.test('cancelled under backpressure: every byte sent is either delivered or still unread in socket A', async (t) => {
   const daemon = await startDaemon(t, 'splicer');
@@ -508,10 +502,13 @@ t.test('cancelled under backpressure: every byte sent is either delivered or sti
   const restOfA = receiveAll(a); // what A's peer sent that the relay never read
   await withDeadline(sent, WAIT, 'the sender to flush');
   const [gotB, gotA] = await withDeadline(Promise.all([atB, restOfA]), WAIT, 'both ends to drain');
+  const unsent = Buffer.from(envelope.unsentAToB, 'base64');
   t.equal(gotB.bytes, envelope.bytesAToB, `B's peer received exactly bytesAToB (${envelope.bytesAToB})`);
   t.equal(gotB.sha256, sha256(data.subarray(0, gotB.bytes)), 'the first bytes, in order');
+  t.ok(unsent.length > 0, `the bytes in flight come back in the envelope (${unsent.length})`);
+  t.same(unsent, data.subarray(gotB.bytes, gotB.bytes + unsent.length), 'unsentAToB holds the next bytes, in order');
   t.equal(gotA.sha256, sha256(data.subarray(data.length - gotA.bytes)), 'socket A holds the last bytes, in order');
-  t.equal(gotB.bytes + gotA.bytes, data.length, `no byte lost (${data.length - gotB.bytes - gotA.bytes} missing)`, PIPE_BYTES_BUG);
+  t.equal(gotB.bytes + unsent.length + gotA.bytes, data.length, `no byte lost (${data.length - gotB.bytes - unsent.length - gotA.bytes} missing)`);
   a.destroy();
   left.near.destroy();
   right.near.destroy();
