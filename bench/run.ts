@@ -18,6 +18,7 @@ import { PLACEMENTS, liveChildren, setPlacement, type Placement } from './lib/pr
 export const benchmarks = {
   ipc: () => import('./ipc.js'),
   splicer: () => import('./splicer.js'),
+  handoff: () => import('./handoff.js'),
 } satisfies Record<string, () => Promise<BenchModule>>;
 
 export type BenchmarkName = keyof typeof benchmarks;

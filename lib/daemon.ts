@@ -220,7 +220,7 @@ export async function runDaemon(
   if (successor) {
     try {
       await successor.waitUntilReparented();
-      const adopted = await successor.receive(server, service, options.handoffTimeoutMs);
+      const adopted = await successor.receive(server, service, options.handoffTimeoutMs, options.socket);
       const resumeStarted = Date.now();
       service.resumeImported();
       server.resume();

@@ -1,11 +1,17 @@
 /**
- * `fdferry up`: runs every daemon that exists so far as child processes in the foreground, with their
- * logs on stdout; Ctrl-C (or SIGTERM) stops them all cleanly. It is how `npm start` tries fdferry
- * without installing anything: it configures nothing in the machine's network.
+ * `fdferry up`: runs every daemon that exists so far in the foreground, with their logs on stdout;
+ * Ctrl-C (or SIGTERM) stops them all cleanly. It is how `npm start` tries fdferry without installing
+ * anything: it configures nothing in the machine's network.
+ *
+ * A daemon reloads by handing over to a successor that is deliberately not our child (see
+ * lib/handoff/spawn.ts), so `up` follows each daemon by the pid its socket reports, not by the process it
+ * started: a generation that exits 0 after a hand-over is not a failure.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { loadNative } from '../lib/native.js';
+import { RpcClient } from '../lib/rpc/client.js';
 
 /** The daemons that exist so far, in start order. */
 export const SERVICES = ['splicer'] as const;
@@ -16,45 +22,109 @@ export interface UpOptions {
   logLevel: string;
 }
 
+const alive = (pid: number): boolean => {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+};
+
+/** Asks a daemon for its pid (the live generation's), or null if it does not answer. */
+async function livePid(socket: string): Promise<number | null> {
+  const client = new RpcClient({ path: socket, owner: `up-${process.pid}`, binding: loadNative(), reconnect: false, requestTimeoutMs: 5_000 });
+  try {
+    await client.connect();
+    return Number((await client.request('status')).result.pid);
+  } catch {
+    return null;
+  } finally {
+    client.close();
+  }
+}
+
 /** Starts the daemons and resolves with an exit code once they have all stopped. */
 export function runUp(options: UpOptions): Promise<number> {
   const cli = path.join(path.dirname(fileURLToPath(import.meta.url)), 'cli.js');
-  const children = new Map<string, ChildProcess>();
+  const pids = new Map<string, number>();
+  const sockets = new Map<string, string>();
+  const checking = new Set<string>();
   let stopping = false;
   let exitCode = 0;
 
   return new Promise<number>((resolve) => {
-    const stopAll = (reason: string) => {
-      if (stopping) return;
-      stopping = true;
-      console.error(`fdferry up: ${reason}; stopping ${[...children.keys()].join(', ') || 'nothing'}`);
-      for (const child of children.values()) child.kill('SIGTERM');
-      if (children.size === 0) finish();
+    // A generation that is gone may have handed over: the socket names its successor.
+    const follow = (service: string, gone: number) => {
+      if (checking.has(service)) return;
+      checking.add(service);
+      void livePid(sockets.get(service)!).then((pid) => {
+        checking.delete(service);
+        if (pids.get(service) !== gone) return finishIfDone();
+        if (pid && pid !== gone && alive(pid)) {
+          pids.set(service, pid);
+          if (stopping) process.kill(pid, 'SIGTERM');
+        } else if (stopping) {
+          pids.delete(service);
+        } else {
+          lost(service, `pid ${gone} is gone and nothing answers on its socket`);
+        }
+        finishIfDone();
+      });
     };
-    const finish = () => {
+    const watch = setInterval(() => {
+      // Successors are not our children: their end shows only as their pid going away, and a generation that
+      // was told to stop in the middle of a hand-over may leave a successor behind, which must stop too.
+      for (const [service, pid] of pids) if (!alive(pid)) follow(service, pid);
+    }, 500);
+    const finishIfDone = () => {
+      if (pids.size > 0 || checking.size > 0) return;
+      clearInterval(watch);
       process.off('SIGINT', onSignal);
       process.off('SIGTERM', onSignal);
       resolve(exitCode);
+    };
+    const stopAll = (reason: string) => {
+      if (stopping) return;
+      stopping = true;
+      console.error(`fdferry up: ${reason}; stopping ${[...pids.keys()].join(', ') || 'nothing'}`);
+      // A pid that is already gone may have handed over just now: its successor is asked for and stopped too.
+      for (const [service, pid] of pids) {
+        if (alive(pid)) process.kill(pid, 'SIGTERM');
+        else follow(service, pid);
+      }
+      finishIfDone();
+    };
+    const lost = (service: string, why: string) => {
+      pids.delete(service);
+      if (!stopping) {
+        exitCode = 1;
+        stopAll(`${service} stopped unexpectedly (${why})`);
+      }
+      finishIfDone();
     };
     const onSignal = (signal: NodeJS.Signals) => stopAll(`${signal} received`);
     process.on('SIGINT', onSignal);
     process.on('SIGTERM', onSignal);
 
     for (const service of SERVICES) {
-      const args = [cli, service, '--socket', path.join(options.runDir, `${service}.sock`), '--log-level', options.logLevel];
+      const socket = path.join(options.runDir, `${service}.sock`);
+      sockets.set(service, socket);
+      const args = [cli, service, '--socket', socket, '--log-level', options.logLevel];
       // A foreground Ctrl-C reaches the whole process group; the daemons get their SIGTERM from us instead.
       const child = spawn(process.execPath, args, { stdio: ['ignore', 'inherit', 'inherit'], detached: true });
-      children.set(service, child);
+      pids.set(service, child.pid!);
       child.on('exit', (code, signal) => {
-        children.delete(service);
-        if (!stopping) {
-          exitCode = 1;
-          stopAll(`${service} exited unexpectedly (${signal ?? `code ${code}`})`);
-        } else if (code !== 0) {
+        if (pids.get(service) !== child.pid) return;
+        if (code === 0 && !stopping) {
+          follow(service, child.pid!); // exit 0 while not stopping: a hand-over
+          return;
+        }
+        if (code !== 0 && stopping) {
           exitCode = 1;
           console.error(`fdferry up: ${service} stopped with ${signal ?? `code ${code}`}`);
         }
-        if (children.size === 0 && stopping) finish();
+        lost(service, signal ?? `code ${code}`);
       });
     }
     console.error(`fdferry up: started ${SERVICES.join(', ')} with sockets in ${options.runDir}; Ctrl-C stops them`);

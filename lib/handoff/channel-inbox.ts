@@ -49,6 +49,26 @@ export class Inbox {
     });
   }
 
+  /** Resolves once the peer has closed the channel (every message it sent has arrived), or after `ms`. */
+  closed(ms: number): Promise<boolean> {
+    if (this.#closed) return Promise.resolve(true);
+    return new Promise((resolve) => {
+      const started = Date.now();
+      const check = () => {
+        if (this.#closed) resolve(true);
+        else if (Date.now() - started > ms) resolve(false);
+        else setTimeout(check, 5);
+      };
+      check();
+    });
+  }
+
+  /** Whether a message of `event` is waiting in the queue (takes it if so). */
+  take(event: string): EventMessage | undefined {
+    const index = this.#queue.findIndex((message) => message.event === event);
+    return index < 0 ? undefined : this.#queue.splice(index, 1)[0];
+  }
+
   /**
    * Resolves with the next message, which must be one of `events`; rejects with a {@link HandoffError}
    * in `phase` on a deadline, on the peer closing, or on an unexpected message (whose fds are closed).

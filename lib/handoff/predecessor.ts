@@ -191,9 +191,22 @@ export class Predecessor {
       }
       phaseDone('validate');
 
+      // Commit is two-way: the successor resumes only after it has said "committed", so until that word
+      // arrives it has moved nothing and a rollback is still safe.
+      sendEvent(channel, 'commit', { report: { ...report, totalMs: Date.now() - started }, pausedAt });
+      try {
+        await inbox.next('commit', ['committed'], Math.max(budget('validate'), 500), abort);
+      } catch (error) {
+        // No answer: stop the successor for certain, then look at everything it sent before it died. If
+        // "committed" is among it, the successor had taken over and there is nothing to return to.
+        await this.#killAndWait(report.newPid);
+        await inbox.closed(2_000);
+        if (!inbox.take('committed')) throw error;
+        this.#committed = true;
+        throw new HandoffError('commit', 'LOST', 'the successor took over and then died; the tasks are lost (systemd Restart= applies)');
+      }
       // The point of no return: from here the successor owns every fd we sent.
       this.#committed = true;
-      sendEvent(channel, 'commit', { report: { ...report, totalMs: Date.now() - started }, pausedAt });
       participant.releaseExported();
       server.releaseExported();
       phaseDone('commit');
@@ -217,7 +230,7 @@ export class Predecessor {
           ? { phase: error.phase, code: error.code, message: error.message }
           : { phase: 'internal', code: 'INTERNAL', message: (error as Error).message };
       if (this.#committed) throw error;
-      this.#rollBack(report.newPid, paused);
+      await this.#rollBack(report.newPid, paused);
       report.failure = failure;
       report.totalMs = Date.now() - started;
       log.warn({ report }, `hand-over failed in ${failure.phase} and was rolled back: ${failure.message}`);
@@ -228,15 +241,30 @@ export class Predecessor {
     }
   }
 
-  #rollBack(successorPid: number | null, paused: boolean): void {
-    const { log, server, participant } = this.#context;
-    if (successorPid) {
-      try {
-        process.kill(successorPid, 'SIGKILL');
-      } catch (error) {
-        if ((error as NodeJS.ErrnoException).code !== 'ESRCH') log.warn({ err: error, successorPid }, 'could not kill the successor');
-      }
+  /** SIGKILLs the successor (by the pid it reported) and waits until it is gone, at most 2 s. */
+  async #killAndWait(successorPid: number | null): Promise<void> {
+    if (!successorPid) return;
+    try {
+      process.kill(successorPid, 'SIGKILL');
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'ESRCH') this.#context.log.warn({ err: error, successorPid }, 'could not kill the successor');
+      return;
     }
+    const deadline = Date.now() + 2_000;
+    while (Date.now() < deadline) {
+      try {
+        process.kill(successorPid, 0);
+      } catch {
+        return;
+      }
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+  }
+
+  async #rollBack(successorPid: number | null, paused: boolean): Promise<void> {
+    const { server, participant } = this.#context;
+    // Dead before anything resumes here: the successor must never move a byte of a relay we resume.
+    await this.#killAndWait(successorPid);
     if (paused) participant.resumeAfterRollback();
     server.resume();
   }

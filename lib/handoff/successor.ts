@@ -93,7 +93,7 @@ export class Successor {
   }
 
   /** Says hello, receives and checks everything, adopts it paused, answers ready and waits for commit. */
-  async receive(server: RpcServer, participant: HandoffParticipant, timeoutMs: number): Promise<Adopted> {
+  async receive(server: RpcServer, participant: HandoffParticipant, timeoutMs: number, address?: string): Promise<Adopted> {
     const fault = this.#environment.fault;
     if (fault === 'crash-before-hello') process.exit(70);
     if (fault === 'hang-before-hello') await hang();
@@ -129,7 +129,7 @@ export class Successor {
       }
       const serverState = document.server as ExportedServerState;
       this.#checkServerFds(serverState, fds);
-      const connectionIds = server.importState(serverState, fds);
+      const connectionIds = server.importState(serverState, fds, address);
       const summary = participant.importState(document.tasks as Record<string, unknown>, fds);
       adopted = {
         requester: (document.requester as Requester | null) ?? null,
@@ -150,6 +150,8 @@ export class Successor {
     sendEvent(this.#channel, 'ready', { fds: fds.length });
     if (fault === 'hang-after-ack') await hang();
     const commit = await this.#inbox.next('commit', ['commit'], timeoutMs);
+    // Said before anything resumes: the predecessor rolls back only if this word never arrives.
+    sendEvent(this.#channel, 'committed', {});
     this.#committed = true;
     adopted.predecessorReport = (commit.data.report as HandoffReport | undefined) ?? null;
     return adopted;

@@ -356,11 +356,13 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
    * Successor: adopts a predecessor's listener, connections and kept results, paused until
    * {@link resume}. Returns the new connection id of each old one.
    */
-  importState(state: ExportedServerState, fds: readonly number[]): Map<number, number> {
+  importState(state: ExportedServerState, fds: readonly number[], address?: string): Map<number, number> {
     this.#paused = true;
     if (state.listener !== null) {
       this.adoptListener(fds[state.listener]!);
       this.#listener!.setAccepting(false);
+      // The socket file is ours now: the last generation to stop removes it.
+      if (address && !isAbstract(address)) this.#boundPath = address;
     }
     const ids = new Map<number, number>();
     for (const exported of state.connections) {

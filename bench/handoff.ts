@@ -1,0 +1,420 @@
+/**
+ * Hand-over (zero-downtime restart) benchmark: a Splicer daemon carrying streaming relays hands them all
+ * to a successor process; how long that takes, and how long the relays stood still.
+ *
+ *   npm run bench -- handoff [--json] [--runs N] [--pin none|same|split]
+ *
+ * Environment (run.ts takes no benchmark-specific flags):
+ *   FDFERRY_BENCH_HANDOFF_SIZES=100,1000     relay counts (default 100,1000,2500)
+ *   FDFERRY_BENCH_HANDOFF_PROBES=N           probe relays per run (default 50)
+ *
+ * One run of one size, in a fresh daemon (`node --import tsx services/cli.ts splicer --socket <path>
+ * --log-level warn --shutdown-grace 0 --max-inflight 512 --max-pipes 6000`):
+ *
+ * 1. N relays (bench/lib/handoff-relays.ts): two Unix socket pairs each, one end of each handed to the
+ *    daemon, the near ends kept here (2 fds per relay here, 2 in the daemon plus a pipe per direction
+ *    while bytes are in flight). The first 50 are probes, the rest background.
+ * 2. Paced traffic both ways on every relay (one timer, every 2 ms): probes a 1 KiB chunk each way every
+ *    tick, background relays a 1 KiB chunk each way every 100 ms (N = 2,500: 49,000 background writes
+ *    per second). Paced, not flat out, so the 2 CPUs are not saturated and this process can time
+ *    arrivals; CPU use of both processes is reported.
+ * 3. 1 s of warm-up, then a 1.5 s baseline window (no reload: the noise floor of the same measurement),
+ *    then the reload (the `reload` request of `fdferry ctl splicer reload --json`, sent on a control
+ *    connection of this process; the successor answers it with the HandoffReport), then 0.5 s more.
+ * 4. Each probe relay's pause: the longest interval without an arrival, either direction, overlapping the
+ *    reload (request sent to report received); p50/p99/max over the probes. The same over the baseline
+ *    window. The daemon's own figures come from the report: totalMs, pauseMs and phasesMs.
+ * 5. The event-loop delay of this process (perf_hooks.monitorEventLoopDelay, 1 ms resolution) in both
+ *    windows: a stall here delays the arrival events and so inflates measured gaps.
+ * 6. Every sender half-closes; every receiver's sha256 and count must equal its sender's, both ways of
+ *    every relay, and every envelope must say `complete` with the counts sent.
+ *
+ * Every daemon generation is killed by pid (the successors' pids come from the reports), after each run
+ * and from an exit hook. Figures are medians over the runs; sizes alternate from run to run.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
+import { SplicerClient } from '../lib/client/splicer.js';
+import type { HandoffReport } from '../lib/handoff/predecessor.js';
+import { loadNative, type NativeBinding } from '../lib/native.js';
+import { alternate } from './lib/alternate.js';
+import { formatNumber, textTable, type BenchOptions } from './lib/bench.js';
+import { DaemonGenerations, daemonFlags, fdCount, waitGone } from './lib/handoff-daemon.js';
+import { RelayFleet, type FleetCheck, type TrafficSettings } from './lib/handoff-relays.js';
+import { StallMonitor, loadAverage, machineBusyPercent, machineCpu, type Stall } from './lib/handoff-stalls.js';
+import { kernelRelease, openFdCount, openFileLimit, processCpu, sleep } from './lib/splicer-tools.js';
+import { median, percentile, round } from './lib/stats.js';
+
+export const description = 'Splicer hand-over to a successor with 100/1,000/2,500 streaming relays: total time, pause seen by probe relays p50/p99/max, bytes lost';
+export const defaultRuns = 3;
+
+const DEFAULT_SIZES = [100, 1_000, 2_500];
+const DEFAULT_PROBES = 50;
+/** Pipes the daemon may borrow: one per direction of 2,500 relays, and some. */
+const MAX_PIPES = 6_000;
+const WARMUP_MS = 1_000;
+const BASELINE_MS = 1_500;
+const POST_MS = 500;
+const TRAFFIC: TrafficSettings = {
+  tickMs: 2,
+  probeChunk: 1024,
+  backgroundChunk: 1024,
+  backgroundIntervalMs: 100,
+  maxBuffered: 256 * 1024,
+};
+
+/** The goals of the issue: p99 pause at most `p99Ms` at `relays`. */
+const PAUSE_GOALS = [
+  { relays: 1_000, p99Ms: 50 },
+  { relays: 2_500, p99Ms: 120 },
+];
+
+interface Spread {
+  p50: number;
+  p99: number;
+  max: number;
+}
+
+function spread(values: number[]): Spread {
+  return { p50: percentile(values, 50), p99: percentile(values, 99), max: Math.max(...values) };
+}
+
+/** What one run of one size measured. */
+interface RunFigures {
+  relays: number;
+  probes: number;
+  ok: boolean;
+  /** Pause seen by the probe relays: their longest gap overlapping the reload, request to report (ms). */
+  pause: Spread;
+  /**
+   * Their gap across the daemon's stop-the-world alone: the longest gap overlapping the last `pauseMs`
+   * (+ 5 ms) before the report arrived; the successor answers right after it resumed the relays (ms).
+   */
+  stopGap: Spread;
+  /** The same measurement over the baseline window without a reload (ms). */
+  baselineGap: Spread;
+  /** When the probes' longest gaps ended, relative to the report's arrival (ms; negative = before). */
+  gapEnds: { first: number; median: number; last: number };
+  daemon: {
+    totalMs: number;
+    pauseMs: number | null;
+    /** pause + transfer + validate + commit + resume phases. */
+    pausePhasesMs: number;
+    phasesMs: Record<string, number>;
+    tasks: number;
+    fds: number;
+    bytesInFlight: number;
+  };
+  /** From sending the reload request to receiving the report (ms). */
+  reloadWallMs: number;
+  eventLoopDelayMs: { baselineP99: number; baselineMax: number; reloadP99: number; reloadMax: number };
+  /** The longest stall of this process's event loop during the reload; ran/waited from schedstat. */
+  loopStall: { ms: number; ranMs: number; waitedMs: number; endRelativeMs: number } | null;
+  /**
+   * CPU use, percent of one CPU: this process and the daemon during the baseline window, the whole
+   * machine then and during the reload window; `others` = machine - bench - daemon (other jobs).
+   */
+  cpuPercent: { bench: number; daemon: number; others: number; machineBaseline: number; machineReload: number };
+  loadAverage: number;
+  fds: { daemonBefore: number; successorAfter: number; bench: number };
+  pipesInUseBefore: number;
+  setupMs: number;
+  bytesMoved: number;
+  bytesLost: number;
+  intactRelays: number;
+  problems: string[];
+  controlDisconnects: number;
+}
+
+function positiveIntegers(name: string, text: string): number[] {
+  const values = text.split(',').map((part) => Number(part.trim().replaceAll('_', '')));
+  for (const value of values) if (!Number.isSafeInteger(value) || value < 1) throw new Error(`${name} must be positive integers separated by commas, got "${text}"`);
+  return values;
+}
+
+function readSettings(env: NodeJS.ProcessEnv): { sizes: number[]; probes: number } {
+  const sizes = env.FDFERRY_BENCH_HANDOFF_SIZES ? positiveIntegers('FDFERRY_BENCH_HANDOFF_SIZES', env.FDFERRY_BENCH_HANDOFF_SIZES) : DEFAULT_SIZES;
+  const probes = env.FDFERRY_BENCH_HANDOFF_PROBES ? positiveIntegers('FDFERRY_BENCH_HANDOFF_PROBES', env.FDFERRY_BENCH_HANDOFF_PROBES)[0]! : DEFAULT_PROBES;
+  return { sizes: [...new Set(sizes)].sort((a, b) => a - b), probes };
+}
+
+const cpuSeconds = (pid: number) => {
+  const cpu = processCpu(pid);
+  return cpu.user + cpu.system;
+};
+
+async function measure(binding: NativeBinding, dir: string, relays: number, probeCount: number, progress: (line: string) => void): Promise<RunFigures> {
+  const probes = Math.min(probeCount, relays);
+  const limit = openFileLimit() ?? Number.POSITIVE_INFINITY;
+  const needed = openFdCount('self') + relays * 2 + 48 * 4 + 100;
+  if (needed > limit) throw new Error(`${relays} relays need about ${needed} fds in this process; the limit is ${limit}`);
+  const daemon = await DaemonGenerations.start(dir, binding, MAX_PIPES);
+  const client = new SplicerClient({ owner: `bench-handoff-${process.pid}`, path: daemon.socket, sockets: 'fd', binding, reconnect: false });
+  let disconnects = 0;
+  client.on('disconnect', () => disconnects++);
+  client.on('error', (error) => progress(`  client error: ${error.message}`));
+  const fleet = new RelayFleet(binding, client, TRAFFIC);
+  const delay = monitorEventLoopDelay({ resolution: 1 });
+  const stalls = new StallMonitor(10);
+  const load = loadAverage();
+  let check: FleetCheck | null = null;
+  try {
+    await client.connect();
+    let start = performance.now();
+    await fleet.add(relays, probes);
+    const setupMs = performance.now() - start;
+    fleet.start();
+    await sleep(WARMUP_MS);
+
+    // Baseline window: the same measurement without a reload.
+    fleet.record(true);
+    delay.enable();
+    stalls.start();
+    const oldPid = daemon.current;
+    const cpuBefore = { bench: process.cpuUsage(), daemon: cpuSeconds(oldPid), machine: machineCpu() };
+    const baselineStart = performance.now();
+    await sleep(BASELINE_MS);
+    const baselineEnd = performance.now();
+    const benchCpu = process.cpuUsage(cpuBefore.bench);
+    const machineAfterBaseline = machineCpu();
+    const cpus = os.cpus().length;
+    const cpuPercent = {
+      bench: ((benchCpu.user + benchCpu.system) / 1e3 / (baselineEnd - baselineStart)) * 100,
+      daemon: ((cpuSeconds(oldPid) - cpuBefore.daemon) * 1e3 * 100) / (baselineEnd - baselineStart),
+      others: 0,
+      machineBaseline: machineBusyPercent(cpuBefore.machine, machineAfterBaseline, cpus),
+      machineReload: 0,
+    };
+    cpuPercent.others = cpuPercent.machineBaseline - cpuPercent.bench - cpuPercent.daemon;
+    const baselineDelay = { p99: delay.percentile(99) / 1e6, max: delay.max / 1e6 };
+    const engine = await daemon.engine();
+    const daemonFdsBefore = fdCount(oldPid);
+
+    // The reload.
+    delay.reset();
+    const machineBeforeReload = machineCpu();
+    const reloadStart = performance.now();
+    const report: HandoffReport = await daemon.reload();
+    const reloadEnd = performance.now();
+    cpuPercent.machineReload = machineBusyPercent(machineBeforeReload, machineCpu(), cpus);
+    await sleep(POST_MS);
+    stalls.stop();
+    const reloadDelay = { p99: delay.percentile(99) / 1e6, max: delay.max / 1e6 };
+    delay.disable();
+    fleet.record(false);
+    if (!report.ok || !report.newPid) throw new Error(`the reload failed: ${JSON.stringify(report.failure ?? report)}`);
+    if (!(await waitGone(oldPid, 10_000))) throw new Error(`the old generation (pid ${oldPid}) did not exit after the hand-over`);
+    const successorFds = fdCount(report.newPid);
+    const benchFds = openFdCount('self');
+
+    const reload = fleet.gaps(reloadStart, reloadEnd, reloadEnd);
+    const stop = fleet.gaps(reloadEnd - (report.pauseMs ?? 0) - 5, reloadEnd, reloadEnd);
+    const stall: Stall | null = stalls.longestIn(reloadStart, reloadEnd);
+    const baseline = fleet.gaps(baselineStart, baselineEnd, baselineEnd);
+    const moved = fleet.receivedBytes();
+    start = performance.now();
+    check = await fleet.finish();
+    const phases = report.phasesMs;
+    const pausePhasesMs = ['pause', 'transfer', 'validate', 'commit', 'resume'].reduce((total, phase) => total + (phases[phase] ?? 0), 0);
+    const ends = [...reload.endsRelativeMs].sort((a, b) => a - b);
+    const figures: RunFigures = {
+      relays,
+      probes,
+      ok: report.ok,
+      pause: spread(reload.perRelayMs),
+      stopGap: spread(stop.perRelayMs),
+      baselineGap: spread(baseline.perRelayMs),
+      gapEnds: { first: ends[0]!, median: median(ends), last: ends[ends.length - 1]! },
+      daemon: {
+        totalMs: report.totalMs,
+        pauseMs: report.pauseMs,
+        pausePhasesMs,
+        phasesMs: phases,
+        tasks: report.tasks,
+        fds: report.fds,
+        bytesInFlight: report.bytesInFlight,
+      },
+      reloadWallMs: reloadEnd - reloadStart,
+      eventLoopDelayMs: { baselineP99: baselineDelay.p99, baselineMax: baselineDelay.max, reloadP99: reloadDelay.p99, reloadMax: reloadDelay.max },
+      loopStall: stall ? { ms: stall.ms, ranMs: stall.ranMs, waitedMs: stall.waitedMs, endRelativeMs: stall.endAt - reloadEnd } : null,
+      cpuPercent,
+      loadAverage: load,
+      fds: { daemonBefore: daemonFdsBefore, successorAfter: successorFds, bench: benchFds },
+      pipesInUseBefore: engine.pipesInUse,
+      setupMs,
+      bytesMoved: moved,
+      bytesLost: check.bytesLost,
+      intactRelays: check.intact,
+      problems: check.problems,
+      controlDisconnects: disconnects,
+    };
+    progress(
+      `  ${relays} relays: pause p50 ${fmt(figures.pause.p50)} / p99 ${fmt(figures.pause.p99)} / max ${fmt(figures.pause.max)} ms ` +
+        `(across the stop p99 ${fmt(figures.stopGap.p99)}; baseline gaps p99 ${fmt(figures.baselineGap.p99)} ms, gaps ended at ${fmt(figures.gapEnds.first)}..${fmt(figures.gapEnds.last)} ms from the report); ` +
+        `daemon total ${report.totalMs} ms, pauseMs ${String(report.pauseMs)} ` +
+        `[${Object.entries(phases).map(([phase, ms]) => `${phase} ${ms}`).join(', ')}]; loop delay max ${fmt(reloadDelay.max)} ms` +
+        `${stall ? ` (longest stall ${fmt(stall.ms)} ms: ran ${fmt(stall.ranMs)}, waited ${fmt(stall.waitedMs)}, ended ${fmt(stall.endAt - reloadEnd)} ms)` : ''}; ` +
+        `CPU bench ${fmt(cpuPercent.bench, 0)}% daemon ${fmt(cpuPercent.daemon, 0)}% others ${fmt(cpuPercent.others, 0)}% (reload: machine ${fmt(cpuPercent.machineReload, 0)}%), load ${fmt(load, 2)}; ` +
+        `intact ${check.intact}/${relays}, lost ${check.bytesLost} B`,
+    );
+    for (const problem of check.problems.slice(0, 5)) progress(`    problem: ${problem}`);
+    return figures;
+  } finally {
+    delay.disable();
+    stalls.stop();
+    if (!check) fleet.close();
+    client.close();
+    await daemon.stop();
+  }
+}
+
+const fmt = (value: number | null | undefined, digits = 1): string => (typeof value === 'number' && Number.isFinite(value) ? formatNumber(value, digits) : '-');
+
+/** Per-key medians over runs of nested numeric figures; other values are taken from the first run. */
+function medianFigures<T extends object>(runs: T[]): T {
+  const result: Record<string, unknown> = {};
+  const keys = new Set(runs.flatMap((run) => Object.keys(run)));
+  for (const key of keys) {
+    const values = runs.map((run) => (run as Record<string, unknown>)[key]);
+    const first = values.find((value) => value !== undefined && value !== null);
+    if (typeof first === 'number') result[key] = median(values.filter((value): value is number => typeof value === 'number'));
+    else if (first && typeof first === 'object' && !Array.isArray(first)) result[key] = medianFigures(values.filter((value): value is object => !!value && typeof value === 'object'));
+    else result[key] = first ?? null;
+  }
+  return result as T;
+}
+
+/** Rounds every number of a JSON-like value to 4 significant digits. */
+function roundDeep<T>(value: T): T {
+  if (typeof value === 'number') return round(value) as T;
+  if (Array.isArray(value)) return value.map(roundDeep) as T;
+  if (value && typeof value === 'object') return Object.fromEntries(Object.entries(value).map(([key, inner]) => [key, roundDeep(inner)])) as T;
+  return value;
+}
+
+/** This process's open fds and what they are. */
+function openFds(): Map<string, string> {
+  const fds = new Map<string, string>();
+  for (const fd of fs.readdirSync('/proc/self/fd')) {
+    try {
+      fds.set(fd, fs.readlinkSync(`/proc/self/fd/${fd}`));
+    } catch {
+      // the directory's own fd, closed by now
+    }
+  }
+  return fds;
+}
+
+interface Goal {
+  goal: string;
+  value: number | null;
+  target: number;
+  met: boolean | null;
+}
+
+export async function run(options: BenchOptions): Promise<Record<string, unknown>> {
+  const { sizes, probes } = readSettings(process.env);
+  const binding = loadNative();
+  const started = performance.now();
+  const fdsBefore = openFds();
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fdf-bench-handoff-'));
+  options.progress(
+    `handoff: ${options.runs} run(s) of ${sizes.join(', ')} streaming relays (${probes} probes each), sizes alternating, CPU placement: ${options.placement}`,
+  );
+  const keys = sizes.map(String);
+  let runs: Record<string, RunFigures[]>;
+  try {
+    runs = await alternate(keys, options.runs, async (key, runIndex) => {
+      if (key === keys[runIndex % keys.length]) options.progress(`run ${runIndex + 1}/${options.runs}`);
+      return measure(binding, dir, Number(key), probes, options.progress);
+    });
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+
+  const results: Record<string, unknown> = {};
+  for (const key of keys) {
+    const list = runs[key]!;
+    const { problems: _problems, ok: _ok, ...medians } = medianFigures(list.map(({ problems, ...rest }) => ({ ...rest, problems: [] as string[] })));
+    results[key] = {
+      ...medians,
+      bytesLostEveryRun: list.map((figures) => figures.bytesLost),
+      intactEveryRun: list.every((figures) => figures.intactRelays === figures.relays && figures.bytesLost === 0),
+      problems: list.flatMap((figures) => figures.problems).slice(0, 20),
+    };
+  }
+  const allIntact = keys.every((key) => (results[key] as { intactEveryRun: boolean }).intactEveryRun);
+  const goals: Goal[] = [];
+  for (const { relays, p99Ms } of PAUSE_GOALS) {
+    const figures = results[String(relays)] as { pause: Spread } | undefined;
+    const value = figures ? figures.pause.p99 : null;
+    goals.push({ goal: `p99 pause seen by probe relays <= ${p99Ms} ms at ${formatNumber(relays, 0)} relays (median of runs)`, value, target: p99Ms, met: value === null ? null : value <= p99Ms });
+  }
+  const lostTotal = keys.reduce((total, key) => total + runs[key]!.reduce((sum, figures) => sum + figures.bytesLost, 0), 0);
+  goals.push({ goal: 'zero bytes lost in every run (sha256 of both directions of every relay)', value: lostTotal, target: 0, met: allIntact && lostTotal === 0 });
+
+  return {
+    benchmark: 'handoff',
+    command: 'npm run bench -- handoff --json',
+    runs: options.runs,
+    sizes,
+    probes,
+    placement: options.placement,
+    statistic: 'per run: p50/p99/max over the probe relays; reported: the median of each figure over the runs',
+    machine: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model ?? 'unknown', node: process.version, kernel: kernelRelease(), openFileLimit: openFileLimit() },
+    settings: {
+      daemon: `node --import tsx services/cli.ts splicer --socket <path> ${daemonFlags(MAX_PIPES).join(' ')}`,
+      reload: 'the "reload" request of `fdferry ctl splicer reload --json` ({wait: true}), on a control connection of this process',
+      relays: 'two AF_UNIX stream socket pairs (binding.streamPair()) each; near ends here, far ends handed to the daemon',
+      traffic: {
+        ...TRAFFIC,
+        note: `one ${TRAFFIC.tickMs} ms timer: every probe relay writes ${TRAFFIC.probeChunk} B each way per tick; each background relay ${TRAFFIC.backgroundChunk} B each way every ${TRAFFIC.backgroundIntervalMs} ms`,
+      },
+      windowsMs: { warmup: WARMUP_MS, baseline: BASELINE_MS, afterReload: POST_MS },
+    },
+    results: roundDeep(results),
+    goals: roundDeep(goals),
+    allIntact,
+    perRun: roundDeep(runs),
+    leakedFds: [...openFds()].filter(([fd, target]) => fdsBefore.get(fd) !== target).map(([fd, target]) => `${fd} ${target}`),
+    elapsedS: round((performance.now() - started) / 1000, 3),
+  };
+}
+
+export function formatTable(result: Record<string, unknown>): string {
+  const machine = result.machine as { cpus: number; node: string; kernel: string };
+  const sizes = result.sizes as number[];
+  const results = result.results as Record<string, RunFigures & { intactEveryRun: boolean }>;
+  const out = [
+    `Hand-over (restart): median of ${String(result.runs)} runs, ${String(result.probes)} probe relays per run (Node ${machine.node}, ${machine.cpus} CPUs, Linux ${machine.kernel}, --pin ${String(result.placement)})`,
+    '',
+  ];
+  const columns = sizes.map(String);
+  const row = (label: string, pick: (figures: RunFigures & { intactEveryRun: boolean }) => string) => [label, ...columns.map((key) => pick(results[key]!))];
+  const phaseNames = [...new Set(columns.flatMap((key) => Object.keys(results[key]!.daemon.phasesMs)))];
+  const rows: string[][] = [
+    ['streaming relays', ...columns.map((key) => formatNumber(Number(key), 0))],
+    row('pause seen by probes, p50 (ms)', (f) => fmt(f.pause.p50)),
+    row('pause seen by probes, p99 (ms)', (f) => fmt(f.pause.p99)),
+    row('pause seen by probes, max (ms)', (f) => fmt(f.pause.max)),
+    row('  baseline gaps, p99 / max (ms)', (f) => `${fmt(f.baselineGap.p99)} / ${fmt(f.baselineGap.max)}`),
+    row('daemon pauseMs (report)', (f) => fmt(f.daemon.pauseMs)),
+    row('daemon totalMs (report)', (f) => fmt(f.daemon.totalMs, 0)),
+    ...phaseNames.map((phase) => row(`  phase ${phase} (ms)`, (f) => fmt(f.daemon.phasesMs[phase]))),
+    row('reload request to report (ms)', (f) => fmt(f.reloadWallMs, 0)),
+    row('fds handed over', (f) => fmt(f.daemon.fds, 0)),
+    row('bytes in pipes at pause', (f) => fmt(f.daemon.bytesInFlight, 0)),
+    row('bench loop delay, reload p99 / max (ms)', (f) => `${fmt(f.eventLoopDelayMs.reloadP99)} / ${fmt(f.eventLoopDelayMs.reloadMax)}`),
+    row('bench loop delay, baseline p99 / max (ms)', (f) => `${fmt(f.eventLoopDelayMs.baselineP99)} / ${fmt(f.eventLoopDelayMs.baselineMax)}`),
+    row('gap ends vs report: first / last (ms)', (f) => `${fmt(f.gapEnds.first)} / ${fmt(f.gapEnds.last)}`),
+    row('CPU % (of one): bench / daemon', (f) => `${fmt(f.cpuPercent.bench, 0)} / ${fmt(f.cpuPercent.daemon, 0)}`),
+    row('open fds: daemon / successor / bench', (f) => `${fmt(f.fds.daemonBefore, 0)} / ${fmt(f.fds.successorAfter, 0)} / ${fmt(f.fds.bench, 0)}`),
+    row('MiB moved by the end of the window', (f) => fmt(f.bytesMoved / 2 ** 20)),
+    row('bytes lost, every run', (f) => (f as unknown as { bytesLostEveryRun: number[] }).bytesLostEveryRun.join(', ')),
+  ];
+  out.push(textTable(rows), '', 'goals:');
+  for (const item of result.goals as Goal[]) out.push(`  ${item.met === null ? 'n/a ' : item.met ? 'MET ' : 'MISS'} ${item.goal}: ${fmt(item.value)} (target ${fmt(item.target)})`);
+  return out.join('\n');
+}
