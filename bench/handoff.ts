@@ -9,7 +9,7 @@
  *   FDFERRY_BENCH_HANDOFF_PROBES=N           probe relays per run (default 50)
  *
  * One run of one size, in a fresh daemon (`node --import tsx services/cli.ts splicer --socket <path>
- * --log-level warn --shutdown-grace 0 --max-inflight 512 --max-pipes 6000`):
+ * --log-level warn --shutdown-grace 0 --max-inflight 512 --max-pipes 6000 --max-tasks 3000`):
  *
  * 1. N relays (bench/lib/handoff-relays.ts): two Unix socket pairs each, one end of each handed to the
  *    daemon, the near ends kept here (2 fds per relay here, 2 in the daemon plus a pipe per direction
@@ -42,8 +42,9 @@ import { loadNative, type NativeBinding } from '../lib/native.js';
 import { alternate } from './lib/alternate.js';
 import { formatNumber, textTable, type BenchOptions } from './lib/bench.js';
 import { DaemonGenerations, daemonFlags, fdCount, waitGone } from './lib/handoff-daemon.js';
+import { now } from './lib/handoff-flows.js';
 import { RelayFleet, type FleetCheck, type TrafficSettings } from './lib/handoff-relays.js';
-import { StallMonitor, loadAverage, machineBusyPercent, machineCpu, type Stall } from './lib/handoff-stalls.js';
+import { StallMonitor, loadAverage, machineBusyPercent, machineCpu, waitForQuiet, type QuietReading, type Stall } from './lib/handoff-stalls.js';
 import { kernelRelease, openFdCount, openFileLimit, processCpu, sleep } from './lib/splicer-tools.js';
 import { median, percentile, round } from './lib/stats.js';
 
@@ -54,6 +55,11 @@ const DEFAULT_SIZES = [100, 1_000, 2_500];
 const DEFAULT_PROBES = 50;
 /** Pipes the daemon may borrow: one per direction of 2,500 relays, and some. */
 const MAX_PIPES = 6_000;
+/** Relays the daemon accepts: 2,500 and some, within 20,000 open files together with MAX_PIPES. */
+const MAX_TASKS = 3_000;
+/** Before each run, wait up to this long for the rest of the machine to use less than QUIET_PERCENT of a CPU. */
+const QUIET_WAIT_MS = 30_000;
+const QUIET_PERCENT = 25;
 const WARMUP_MS = 1_000;
 const BASELINE_MS = 1_500;
 const POST_MS = 500;
@@ -81,11 +87,18 @@ function spread(values: number[]): Spread {
   return { p50: percentile(values, 50), p99: percentile(values, 99), max: Math.max(...values) };
 }
 
+/** A loop stall: its length, this thread's CPU time and run-queue wait in it, when it ended vs the report. */
+interface StallFigures {
+  ms: number;
+  ranMs: number;
+  waitedMs: number;
+  endRelativeMs: number;
+}
+
 /** What one run of one size measured. */
 interface RunFigures {
   relays: number;
   probes: number;
-  ok: boolean;
   /** Pause seen by the probe relays: their longest gap overlapping the reload, request to report (ms). */
   pause: Spread;
   /**
@@ -93,14 +106,14 @@ interface RunFigures {
    * (+ 5 ms) before the report arrived; the successor answers right after it resumed the relays (ms).
    */
   stopGap: Spread;
-  /** The same measurement over the baseline window without a reload (ms). */
+  /** The same measurement over the baseline window, without a reload (ms): the noise floor. */
   baselineGap: Spread;
   /** When the probes' longest gaps ended, relative to the report's arrival (ms; negative = before). */
   gapEnds: { first: number; median: number; last: number };
   daemon: {
     totalMs: number;
     pauseMs: number | null;
-    /** pause + transfer + validate + commit + resume phases. */
+    /** Sum of the pause, transfer, validate, commit and resume phases the report has. */
     pausePhasesMs: number;
     phasesMs: Record<string, number>;
     tasks: number;
@@ -109,21 +122,31 @@ interface RunFigures {
   };
   /** From sending the reload request to receiving the report (ms). */
   reloadWallMs: number;
-  eventLoopDelayMs: { baselineP99: number; baselineMax: number; reloadP99: number; reloadMax: number };
-  /** The longest stall of this process's event loop during the reload; ran/waited from schedstat. */
-  loopStall: { ms: number; ranMs: number; waitedMs: number; endRelativeMs: number } | null;
+  /** Event-loop delay (monitorEventLoopDelay) of the probe thread and of the main thread, baseline and reload windows. */
+  eventLoopDelayMs: {
+    probe: { baselineP99: number; baselineMax: number; reloadP99: number; reloadMax: number };
+    main: { baselineP99: number; baselineMax: number; reloadP99: number; reloadMax: number };
+  };
+  /**
+   * The probe thread's longest loop stall across the daemon's stop (it lengthens every probe's gap), and
+   * the longest stalls of either thread anywhere in the reload window.
+   */
+  stalls: { probeAcrossStop: StallFigures | null; probeReload: StallFigures | null; mainReload: StallFigures | null };
   /**
    * CPU use, percent of one CPU: this process and the daemon during the baseline window, the whole
    * machine then and during the reload window; `others` = machine - bench - daemon (other jobs).
    */
   cpuPercent: { bench: number; daemon: number; others: number; machineBaseline: number; machineReload: number };
   loadAverage: number;
+  /** The wait for a quiet machine before the run. */
+  quiet: QuietReading;
   fds: { daemonBefore: number; successorAfter: number; bench: number };
   pipesInUseBefore: number;
   setupMs: number;
   bytesMoved: number;
   bytesLost: number;
   intactRelays: number;
+  skippedTurns: number;
   problems: string[];
   controlDisconnects: number;
 }
@@ -145,12 +168,18 @@ const cpuSeconds = (pid: number) => {
   return cpu.user + cpu.system;
 };
 
+const stallFigures = (stall: Stall | null, endRef: number): StallFigures | null =>
+  stall ? { ms: stall.ms, ranMs: stall.ranMs, waitedMs: stall.waitedMs, endRelativeMs: stall.endAt - endRef } : null;
+
 async function measure(binding: NativeBinding, dir: string, relays: number, probeCount: number, progress: (line: string) => void): Promise<RunFigures> {
   const probes = Math.min(probeCount, relays);
   const limit = openFileLimit() ?? Number.POSITIVE_INFINITY;
   const needed = openFdCount('self') + relays * 2 + 48 * 4 + 100;
   if (needed > limit) throw new Error(`${relays} relays need about ${needed} fds in this process; the limit is ${limit}`);
-  const daemon = await DaemonGenerations.start(dir, binding, MAX_PIPES);
+  const quiet = await waitForQuiet(QUIET_WAIT_MS, QUIET_PERCENT, os.cpus().length);
+  if (!quiet.quiet) progress(`  the machine is busy: other processes use ${fmt(quiet.othersPercent, 0)}% of a CPU after ${fmt(quiet.waitedMs / 1000, 0)} s of waiting; measuring anyway`);
+  const load = loadAverage();
+  const daemon = await DaemonGenerations.start(dir, binding, MAX_PIPES, MAX_TASKS);
   const client = new SplicerClient({ owner: `bench-handoff-${process.pid}`, path: daemon.socket, sockets: 'fd', binding, reconnect: false });
   let disconnects = 0;
   client.on('disconnect', () => disconnects++);
@@ -158,63 +187,69 @@ async function measure(binding: NativeBinding, dir: string, relays: number, prob
   const fleet = new RelayFleet(binding, client, TRAFFIC);
   const delay = monitorEventLoopDelay({ resolution: 1 });
   const stalls = new StallMonitor(10);
-  const load = loadAverage();
   let check: FleetCheck | null = null;
   try {
     await client.connect();
-    let start = performance.now();
+    const setupStart = now();
     await fleet.add(relays, probes);
-    const setupMs = performance.now() - start;
-    fleet.start();
+    const setupMs = now() - setupStart;
+    await fleet.start();
     await sleep(WARMUP_MS);
 
     // Baseline window: the same measurement without a reload.
-    fleet.record(true);
+    await fleet.record(true);
     delay.enable();
     stalls.start();
     const oldPid = daemon.current;
     const cpuBefore = { bench: process.cpuUsage(), daemon: cpuSeconds(oldPid), machine: machineCpu() };
-    const baselineStart = performance.now();
+    await fleet.probeLoopDelay();
+    const baselineStart = now();
     await sleep(BASELINE_MS);
-    const baselineEnd = performance.now();
+    const baselineEnd = now();
     const benchCpu = process.cpuUsage(cpuBefore.bench);
-    const machineAfterBaseline = machineCpu();
     const cpus = os.cpus().length;
     const cpuPercent = {
       bench: ((benchCpu.user + benchCpu.system) / 1e3 / (baselineEnd - baselineStart)) * 100,
       daemon: ((cpuSeconds(oldPid) - cpuBefore.daemon) * 1e3 * 100) / (baselineEnd - baselineStart),
       others: 0,
-      machineBaseline: machineBusyPercent(cpuBefore.machine, machineAfterBaseline, cpus),
+      machineBaseline: machineBusyPercent(cpuBefore.machine, machineCpu(), cpus),
       machineReload: 0,
     };
     cpuPercent.others = cpuPercent.machineBaseline - cpuPercent.bench - cpuPercent.daemon;
-    const baselineDelay = { p99: delay.percentile(99) / 1e6, max: delay.max / 1e6 };
+    const mainBaseline = { p99: delay.percentile(99) / 1e6, max: delay.max / 1e6 };
+    const probeBaseline = await fleet.probeLoopDelay();
     const engine = await daemon.engine();
     const daemonFdsBefore = fdCount(oldPid);
 
     // The reload.
     delay.reset();
+    await fleet.probeLoopDelay();
     const machineBeforeReload = machineCpu();
-    const reloadStart = performance.now();
+    const reloadStart = now();
     const report: HandoffReport = await daemon.reload();
-    const reloadEnd = performance.now();
+    const reloadEnd = now();
     cpuPercent.machineReload = machineBusyPercent(machineBeforeReload, machineCpu(), cpus);
     await sleep(POST_MS);
-    stalls.stop();
-    const reloadDelay = { p99: delay.percentile(99) / 1e6, max: delay.max / 1e6 };
+    const mainReload = { p99: delay.percentile(99) / 1e6, max: delay.max / 1e6 };
+    const probeReload = await fleet.probeLoopDelay();
     delay.disable();
-    fleet.record(false);
+    stalls.stop();
+    await fleet.record(false);
     if (!report.ok || !report.newPid) throw new Error(`the reload failed: ${JSON.stringify(report.failure ?? report)}`);
     if (!(await waitGone(oldPid, 10_000))) throw new Error(`the old generation (pid ${oldPid}) did not exit after the hand-over`);
     const successorFds = fdCount(report.newPid);
     const benchFds = openFdCount('self');
 
-    const reload = fleet.gaps(reloadStart, reloadEnd, reloadEnd);
-    const stop = fleet.gaps(reloadEnd - (report.pauseMs ?? 0) - 5, reloadEnd, reloadEnd);
-    const stall: Stall | null = stalls.longestIn(reloadStart, reloadEnd);
-    const baseline = fleet.gaps(baselineStart, baselineEnd, baselineEnd);
-    const moved = fleet.receivedBytes();
-    start = performance.now();
+    const stopFrom = reloadEnd - (report.pauseMs ?? 0) - 5;
+    const reload = await fleet.gaps(reloadStart, reloadEnd, reloadEnd);
+    const stop = await fleet.gaps(stopFrom, reloadEnd, reloadEnd);
+    const baseline = await fleet.gaps(baselineStart, baselineEnd, baselineEnd);
+    const stallsFound = {
+      probeAcrossStop: stallFigures(await fleet.probeStall(stopFrom, reloadEnd), reloadEnd),
+      probeReload: stallFigures(await fleet.probeStall(reloadStart, reloadEnd), reloadEnd),
+      mainReload: stallFigures(stalls.longestIn(reloadStart, reloadEnd), reloadEnd),
+    };
+    const moved = await fleet.receivedBytes();
     check = await fleet.finish();
     const phases = report.phasesMs;
     const pausePhasesMs = ['pause', 'transfer', 'validate', 'commit', 'resume'].reduce((total, phase) => total + (phases[phase] ?? 0), 0);
@@ -222,7 +257,6 @@ async function measure(binding: NativeBinding, dir: string, relays: number, prob
     const figures: RunFigures = {
       relays,
       probes,
-      ok: report.ok,
       pause: spread(reload.perRelayMs),
       stopGap: spread(stop.perRelayMs),
       baselineGap: spread(baseline.perRelayMs),
@@ -237,26 +271,32 @@ async function measure(binding: NativeBinding, dir: string, relays: number, prob
         bytesInFlight: report.bytesInFlight,
       },
       reloadWallMs: reloadEnd - reloadStart,
-      eventLoopDelayMs: { baselineP99: baselineDelay.p99, baselineMax: baselineDelay.max, reloadP99: reloadDelay.p99, reloadMax: reloadDelay.max },
-      loopStall: stall ? { ms: stall.ms, ranMs: stall.ranMs, waitedMs: stall.waitedMs, endRelativeMs: stall.endAt - reloadEnd } : null,
+      eventLoopDelayMs: {
+        probe: { baselineP99: probeBaseline.p99, baselineMax: probeBaseline.max, reloadP99: probeReload.p99, reloadMax: probeReload.max },
+        main: { baselineP99: mainBaseline.p99, baselineMax: mainBaseline.max, reloadP99: mainReload.p99, reloadMax: mainReload.max },
+      },
+      stalls: stallsFound,
       cpuPercent,
       loadAverage: load,
+      quiet,
       fds: { daemonBefore: daemonFdsBefore, successorAfter: successorFds, bench: benchFds },
       pipesInUseBefore: engine.pipesInUse,
       setupMs,
       bytesMoved: moved,
       bytesLost: check.bytesLost,
       intactRelays: check.intact,
+      skippedTurns: check.skippedTurns,
       problems: check.problems,
       controlDisconnects: disconnects,
     };
+    const stall = stallsFound.probeAcrossStop;
     progress(
       `  ${relays} relays: pause p50 ${fmt(figures.pause.p50)} / p99 ${fmt(figures.pause.p99)} / max ${fmt(figures.pause.max)} ms ` +
-        `(across the stop p99 ${fmt(figures.stopGap.p99)}; baseline gaps p99 ${fmt(figures.baselineGap.p99)} ms, gaps ended at ${fmt(figures.gapEnds.first)}..${fmt(figures.gapEnds.last)} ms from the report); ` +
-        `daemon total ${report.totalMs} ms, pauseMs ${String(report.pauseMs)} ` +
-        `[${Object.entries(phases).map(([phase, ms]) => `${phase} ${ms}`).join(', ')}]; loop delay max ${fmt(reloadDelay.max)} ms` +
-        `${stall ? ` (longest stall ${fmt(stall.ms)} ms: ran ${fmt(stall.ranMs)}, waited ${fmt(stall.waitedMs)}, ended ${fmt(stall.endAt - reloadEnd)} ms)` : ''}; ` +
-        `CPU bench ${fmt(cpuPercent.bench, 0)}% daemon ${fmt(cpuPercent.daemon, 0)}% others ${fmt(cpuPercent.others, 0)}% (reload: machine ${fmt(cpuPercent.machineReload, 0)}%), load ${fmt(load, 2)}; ` +
+        `(across the stop p99 ${fmt(figures.stopGap.p99)}; baseline gaps p99 ${fmt(figures.baselineGap.p99)} ms; gaps ended at ${fmt(figures.gapEnds.first)}..${fmt(figures.gapEnds.last)} ms from the report); ` +
+        `daemon total ${report.totalMs} ms, pauseMs ${String(report.pauseMs)} [${Object.entries(phases).map(([phase, ms]) => `${phase} ${ms}`).join(', ')}]; ` +
+        `probe loop delay max ${fmt(probeReload.max)} ms, main ${fmt(mainReload.max)} ms` +
+        `${stall ? ` (probe stall across the stop ${fmt(stall.ms)} ms: ran ${fmt(stall.ranMs)}, waited ${fmt(stall.waitedMs)})` : ''}; ` +
+        `CPU bench ${fmt(cpuPercent.bench, 0)}% daemon ${fmt(cpuPercent.daemon, 0)}% others ${fmt(cpuPercent.others, 0)}% (machine during the reload ${fmt(cpuPercent.machineReload, 0)}%), load ${fmt(load, 2)}; ` +
         `intact ${check.intact}/${relays}, lost ${check.bytesLost} B`,
     );
     for (const problem of check.problems.slice(0, 5)) progress(`    problem: ${problem}`);
@@ -264,7 +304,7 @@ async function measure(binding: NativeBinding, dir: string, relays: number, prob
   } finally {
     delay.disable();
     stalls.stop();
-    if (!check) fleet.close();
+    if (!check) await fleet.close();
     client.close();
     await daemon.stop();
   }
@@ -337,11 +377,12 @@ export async function run(options: BenchOptions): Promise<Record<string, unknown
   const results: Record<string, unknown> = {};
   for (const key of keys) {
     const list = runs[key]!;
-    const { problems: _problems, ok: _ok, ...medians } = medianFigures(list.map(({ problems, ...rest }) => ({ ...rest, problems: [] as string[] })));
+    const { problems: _problems, ...medians } = medianFigures(list);
     results[key] = {
       ...medians,
       bytesLostEveryRun: list.map((figures) => figures.bytesLost),
       intactEveryRun: list.every((figures) => figures.intactRelays === figures.relays && figures.bytesLost === 0),
+      quietRuns: list.filter((figures) => figures.quiet.quiet).length,
       problems: list.flatMap((figures) => figures.problems).slice(0, 20),
     };
   }
@@ -365,7 +406,7 @@ export async function run(options: BenchOptions): Promise<Record<string, unknown
     statistic: 'per run: p50/p99/max over the probe relays; reported: the median of each figure over the runs',
     machine: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model ?? 'unknown', node: process.version, kernel: kernelRelease(), openFileLimit: openFileLimit() },
     settings: {
-      daemon: `node --import tsx services/cli.ts splicer --socket <path> ${daemonFlags(MAX_PIPES).join(' ')}`,
+      daemon: `node --import tsx services/cli.ts splicer --socket <path> ${daemonFlags(MAX_PIPES, MAX_TASKS).join(' ')}`,
       reload: 'the "reload" request of `fdferry ctl splicer reload --json` ({wait: true}), on a control connection of this process',
       relays: 'two AF_UNIX stream socket pairs (binding.streamPair()) each; near ends here, far ends handed to the daemon',
       traffic: {
@@ -373,6 +414,7 @@ export async function run(options: BenchOptions): Promise<Record<string, unknown
         note: `one ${TRAFFIC.tickMs} ms timer: every probe relay writes ${TRAFFIC.probeChunk} B each way per tick; each background relay ${TRAFFIC.backgroundChunk} B each way every ${TRAFFIC.backgroundIntervalMs} ms`,
       },
       windowsMs: { warmup: WARMUP_MS, baseline: BASELINE_MS, afterReload: POST_MS },
+      quietGate: `before each run, up to ${QUIET_WAIT_MS / 1000} s of waiting until other processes use < ${QUIET_PERCENT}% of one CPU (0.5 s samples)`,
     },
     results: roundDeep(results),
     goals: roundDeep(goals),
@@ -386,33 +428,36 @@ export async function run(options: BenchOptions): Promise<Record<string, unknown
 export function formatTable(result: Record<string, unknown>): string {
   const machine = result.machine as { cpus: number; node: string; kernel: string };
   const sizes = result.sizes as number[];
-  const results = result.results as Record<string, RunFigures & { intactEveryRun: boolean }>;
+  type Figures = RunFigures & { bytesLostEveryRun: number[]; quietRuns: number };
+  const results = result.results as Record<string, Figures>;
   const out = [
     `Hand-over (restart): median of ${String(result.runs)} runs, ${String(result.probes)} probe relays per run (Node ${machine.node}, ${machine.cpus} CPUs, Linux ${machine.kernel}, --pin ${String(result.placement)})`,
     '',
   ];
   const columns = sizes.map(String);
-  const row = (label: string, pick: (figures: RunFigures & { intactEveryRun: boolean }) => string) => [label, ...columns.map((key) => pick(results[key]!))];
+  const row = (label: string, pick: (figures: Figures) => string) => [label, ...columns.map((key) => pick(results[key]!))];
+  const pair = (a: number | null | undefined, b: number | null | undefined, digits = 1) => `${fmt(a, digits)} / ${fmt(b, digits)}`;
   const phaseNames = [...new Set(columns.flatMap((key) => Object.keys(results[key]!.daemon.phasesMs)))];
   const rows: string[][] = [
     ['streaming relays', ...columns.map((key) => formatNumber(Number(key), 0))],
     row('pause seen by probes, p50 (ms)', (f) => fmt(f.pause.p50)),
     row('pause seen by probes, p99 (ms)', (f) => fmt(f.pause.p99)),
     row('pause seen by probes, max (ms)', (f) => fmt(f.pause.max)),
-    row('  baseline gaps, p99 / max (ms)', (f) => `${fmt(f.baselineGap.p99)} / ${fmt(f.baselineGap.max)}`),
+    row('  gap across the stop, p50 / p99', (f) => pair(f.stopGap.p50, f.stopGap.p99)),
+    row('  baseline gaps, p50 / p99', (f) => pair(f.baselineGap.p50, f.baselineGap.p99)),
     row('daemon pauseMs (report)', (f) => fmt(f.daemon.pauseMs)),
-    row('daemon totalMs (report)', (f) => fmt(f.daemon.totalMs, 0)),
     ...phaseNames.map((phase) => row(`  phase ${phase} (ms)`, (f) => fmt(f.daemon.phasesMs[phase]))),
+    row('daemon totalMs (report)', (f) => fmt(f.daemon.totalMs, 0)),
     row('reload request to report (ms)', (f) => fmt(f.reloadWallMs, 0)),
     row('fds handed over', (f) => fmt(f.daemon.fds, 0)),
-    row('bytes in pipes at pause', (f) => fmt(f.daemon.bytesInFlight, 0)),
-    row('bench loop delay, reload p99 / max (ms)', (f) => `${fmt(f.eventLoopDelayMs.reloadP99)} / ${fmt(f.eventLoopDelayMs.reloadMax)}`),
-    row('bench loop delay, baseline p99 / max (ms)', (f) => `${fmt(f.eventLoopDelayMs.baselineP99)} / ${fmt(f.eventLoopDelayMs.baselineMax)}`),
-    row('gap ends vs report: first / last (ms)', (f) => `${fmt(f.gapEnds.first)} / ${fmt(f.gapEnds.last)}`),
-    row('CPU % (of one): bench / daemon', (f) => `${fmt(f.cpuPercent.bench, 0)} / ${fmt(f.cpuPercent.daemon, 0)}`),
+    row('bytes in pipes at the pause', (f) => fmt(f.daemon.bytesInFlight, 0)),
+    row('probe loop delay, reload p99 / max', (f) => pair(f.eventLoopDelayMs.probe.reloadP99, f.eventLoopDelayMs.probe.reloadMax)),
+    row('probe loop stall across the stop', (f) => fmt(f.stalls.probeAcrossStop?.ms ?? 0)),
+    row('main loop delay, reload p99 / max', (f) => pair(f.eventLoopDelayMs.main.reloadP99, f.eventLoopDelayMs.main.reloadMax)),
+    row('CPU %: bench / daemon / others', (f) => `${fmt(f.cpuPercent.bench, 0)} / ${fmt(f.cpuPercent.daemon, 0)} / ${fmt(f.cpuPercent.others, 0)}`),
+    row('runs started on a quiet machine', (f) => `${f.quietRuns} of ${String(result.runs)}`),
     row('open fds: daemon / successor / bench', (f) => `${fmt(f.fds.daemonBefore, 0)} / ${fmt(f.fds.successorAfter, 0)} / ${fmt(f.fds.bench, 0)}`),
-    row('MiB moved by the end of the window', (f) => fmt(f.bytesMoved / 2 ** 20)),
-    row('bytes lost, every run', (f) => (f as unknown as { bytesLostEveryRun: number[] }).bytesLostEveryRun.join(', ')),
+    row('bytes lost, every run', (f) => f.bytesLostEveryRun.join(', ')),
   ];
   out.push(textTable(rows), '', 'goals:');
   for (const item of result.goals as Goal[]) out.push(`  ${item.met === null ? 'n/a ' : item.met ? 'MET ' : 'MISS'} ${item.goal}: ${fmt(item.value)} (target ${fmt(item.target)})`);

@@ -87,7 +87,7 @@ export interface EngineStatus {
 }
 
 /** The daemon's flags in this benchmark (after `splicer --socket <path>`). */
-export function daemonFlags(maxPipes: number): string[] {
+export function daemonFlags(maxPipes: number, maxTasks: number): string[] {
   return [
     '--log-level',
     'warn',
@@ -101,6 +101,10 @@ export function daemonFlags(maxPipes: number): string[] {
     // so no relay ever waits for the pool; only relays with bytes in flight hold one.
     '--max-pipes',
     String(maxPipes),
+    // With those pipes, what fits under 20,000 open files: 2 x 3,000 relay fds + 2 x 6,000 pipe fds + the
+    // daemon's own (it warns at start-up when its limits could exceed the open-file limit).
+    '--max-tasks',
+    String(maxTasks),
   ];
 }
 
@@ -109,13 +113,11 @@ export class DaemonGenerations {
   readonly socket: string;
   readonly pids: number[] = [];
   readonly #first: ChildProcess;
-  readonly #binding: NativeBinding;
   readonly #control: RpcClient;
 
   private constructor(first: ChildProcess, socket: string, binding: NativeBinding) {
     this.#first = first;
     this.socket = socket;
-    this.#binding = binding;
     this.pids.push(first.pid!);
     knownPids.add(first.pid!);
     // Keep reading stdout (shared by every generation: successors inherit it) so the pipe never fills.
@@ -124,10 +126,10 @@ export class DaemonGenerations {
   }
 
   /** Starts the first generation and connects the control connection. */
-  static async start(dir: string, binding: NativeBinding, maxPipes: number): Promise<DaemonGenerations> {
+  static async start(dir: string, binding: NativeBinding, maxPipes: number, maxTasks: number): Promise<DaemonGenerations> {
     installExitHook();
     const socket = path.join(dir, `splicer-${process.pid}-${Date.now()}.sock`);
-    const child = spawnTs('services/cli.ts', ['splicer', '--socket', socket, ...daemonFlags(maxPipes)]);
+    const child = spawnTs('services/cli.ts', ['splicer', '--socket', socket, ...daemonFlags(maxPipes, maxTasks)]);
     const daemon = new DaemonGenerations(child, socket, binding);
     try {
       await waitForFile(socket, child);
@@ -185,8 +187,9 @@ export class DaemonGenerations {
       if (!(await waitGone(pid, 5_000))) throw new Error(`daemon pid ${pid} is still there after SIGKILL`);
       knownPids.delete(pid);
     }
-    // The first generation is our child: let Node reap it.
+    // The first generation is our child: let Node reap it. Its stdout (which every generation shared) is
+    // at its end now; close our side at once rather than whenever the end is read.
     if (this.#first.exitCode === null && this.#first.signalCode === null) await stopChild(this.#first, 0);
-    void this.#binding;
+    this.#first.stdout?.destroy();
   }
 }

@@ -1,33 +1,29 @@
 /**
- * The streaming relays of the hand-over benchmark: set-up, paced traffic, arrival timestamps, and the
- * end-to-end check that not a byte was lost.
+ * The streaming relays of the hand-over benchmark: set-up, traffic, pause figures, and the end-to-end
+ * check that not a byte was lost.
  *
  * Each relay is two AF_UNIX stream socket pairs from `binding.streamPair()`: one end of each goes to
- * Splicer (`SplicerClient.start`, fds closed here once the daemon accepts them), the other end (the "near"
- * end, a `net.Socket`) stays in this process. So a relay costs 2 fds here and 2 in the daemon (plus a pipe,
- * 2 fds, per direction while it has bytes in flight).
+ * Splicer (`SplicerClient.start`; this process closes its copies once the daemon has accepted them), the
+ * other end (the "near" end) stays in this process. So a relay costs 2 fds here and 2 in the daemon, plus
+ * a pipe (2 fds) per direction while it has bytes in flight.
  *
- * Traffic is paced by one timer (every `tickMs`), so the two CPUs are not saturated and the event loop of
- * this process stays responsive enough to time arrivals:
+ * - Probe relays (the first `probes`) run in a worker thread (bench/lib/handoff-probe-worker.ts) with
+ *   their own event loop: a chunk each way every tick, every arrival timestamped.
+ * - Background relays run on the main thread: a chunk each way every `backgroundIntervalMs`.
  *
- * - probe relays: every tick, a chunk each way. Their receivers record the time of every arrival
- *   (`performance.now()`, the monotonic high-resolution clock of `process.hrtime`), so the longest
- *   interval without data around the reload is the pause that relay saw, to within about a tick.
- * - background relays: a chunk each way every `backgroundIntervalMs`, spread evenly over the ticks.
- *
- * Every byte written is hashed (sha256) at the sender and every byte read at the receiver, both ways of
- * every relay; `finish()` half-closes every sender, waits for every receiver's end and every envelope,
- * and compares.
+ * Both sides hash everything (bench/lib/handoff-flows.ts); `finish()` half-closes every sender, waits for
+ * every receiver's end and every relay's envelope, and compares.
  */
-import crypto from 'node:crypto';
-import net from 'node:net';
-import { performance } from 'node:perf_hooks';
+import { Worker } from 'node:worker_threads';
 import type { ReturnedRelay, SplicerClient } from '../../lib/client/splicer.js';
 import type { NativeBinding } from '../../lib/native.js';
+import { TrafficGroup, nearSocket, type GapFigures, type PaceSettings, type RelayFlows } from './handoff-flows.js';
+import type { ProbeRequest } from './handoff-probe-worker.js';
+import type { Stall } from './handoff-stalls.js';
 
 /** How the fleet's traffic is paced. */
 export interface TrafficSettings {
-  /** The pacing timer's period (ms). */
+  /** The pacing timers' period (ms), on both threads. */
   tickMs: number;
   /** Bytes per write of a probe relay (each way, every tick). */
   probeChunk: number;
@@ -39,230 +35,154 @@ export interface TrafficSettings {
   maxBuffered: number;
 }
 
-/** One direction of one relay. */
-interface Flow {
-  from: net.Socket;
-  to: net.Socket;
-  sent: crypto.Hash;
-  sentBytes: number;
-  received: crypto.Hash;
-  receivedBytes: number;
-  /** Arrival times (probe relays only). */
-  arrivals: number[] | null;
-  /** Turns skipped because of backpressure. */
-  skipped: number;
-  offset: number;
-  ended: Promise<void>;
-}
-
-interface Relay {
-  index: number;
-  probe: boolean;
-  near: [net.Socket, net.Socket];
-  aToB: Flow;
-  bToA: Flow;
-  done: Promise<ReturnedRelay<number>>;
-}
-
 /** What `finish()` found. */
 export interface FleetCheck {
   relays: number;
-  /** Relays whose bytes arrived intact both ways (sha256 and count), with a `complete` envelope. */
+  /** Relays whose bytes arrived intact both ways (sha256 and count), with a `complete` envelope that counts them. */
   intact: number;
   /** Bytes sent minus bytes received, over every direction (0 when nothing was lost). */
   bytesLost: number;
   bytesSent: number;
   probeBytes: number;
   backgroundBytes: number;
+  /** Turns skipped because a sender's buffer was full. */
+  skippedTurns: number;
   /** Socket errors and mismatches, at most 20 described. */
   problems: string[];
-  skippedTurns: number;
 }
 
-/** Per-relay pause figures of a window. */
-export interface GapFigures {
-  /** The longest interval without arrivals, per probe relay (max of its two directions), ms. */
-  perRelayMs: number[];
-  /** When each relay's longest gap ended, relative to `endRef` (negative: before), ms. */
-  endsRelativeMs: number[];
-}
+/** The probe worker, asked by request and answer. */
+class ProbeWorker {
+  readonly #worker: Worker;
+  readonly #pending = new Map<number, { resolve: (value: unknown) => void; reject: (error: Error) => void }>();
+  #nextId = 1;
+  #failure: Error | null = null;
 
-const POOL = crypto.randomBytes(4 * 1024 * 1024);
+  constructor(settings: PaceSettings) {
+    // Under `node --import tsx` a worker given a .ts file does not get tsx's loader (Node 20): the worker
+    // loads it through tsx's API instead.
+    const body = new URL('./handoff-probe-worker.ts', import.meta.url).href;
+    const code = `import(${JSON.stringify(import.meta.resolve('tsx/esm/api'))}).then(({ tsImport }) => tsImport(${JSON.stringify(body)}, ${JSON.stringify(import.meta.url)}))`;
+    this.#worker = new Worker(code, { eval: true, workerData: settings });
+    this.#worker.on('message', (message: { id: number; ok: boolean; result?: unknown; error?: string }) => {
+      const pending = this.#pending.get(message.id);
+      if (!pending) return;
+      this.#pending.delete(message.id);
+      if (message.ok) pending.resolve(message.result);
+      else pending.reject(new Error(`probe worker: ${message.error}`));
+    });
+    const fail = (error: Error) => {
+      this.#failure = error;
+      for (const pending of this.#pending.values()) pending.reject(error);
+      this.#pending.clear();
+    };
+    this.#worker.on('error', (error) => fail(new Error(`probe worker failed: ${error.stack ?? error.message}`)));
+    this.#worker.on('exit', (code) => fail(new Error(`probe worker exited (${code})`)));
+  }
 
-function makeSocket(fd: number): net.Socket {
-  return new net.Socket({ fd, readable: true, writable: true, allowHalfOpen: true });
+  ask<T>(request: ProbeRequest): Promise<T> {
+    if (this.#failure) return Promise.reject(this.#failure);
+    const id = this.#nextId++;
+    return new Promise<T>((resolve, reject) => {
+      this.#pending.set(id, { resolve: resolve as (value: unknown) => void, reject });
+      this.#worker.postMessage({ id, ...request });
+    });
+  }
+
+  async terminate(): Promise<void> {
+    await this.#worker.terminate();
+  }
 }
 
 /** Streaming relays through one Splicer daemon. */
 export class RelayFleet {
   readonly #binding: NativeBinding;
   readonly #client: SplicerClient<'fd'>;
-  readonly #settings: TrafficSettings;
-  readonly #relays: Relay[] = [];
+  readonly #background: TrafficGroup;
+  readonly #probes: ProbeWorker;
+  readonly #done = new Map<number, Promise<ReturnedRelay<number>>>();
   readonly #problems: string[] = [];
-  #timer: NodeJS.Timeout | null = null;
-  #recording = false;
-  #backgroundCursor = 0;
-  #backgroundCredit = 0;
+  #probeCount = 0;
 
   constructor(binding: NativeBinding, client: SplicerClient<'fd'>, settings: TrafficSettings) {
     this.#binding = binding;
     this.#client = client;
-    this.#settings = settings;
+    const { tickMs, maxBuffered } = settings;
+    this.#background = new TrafficGroup({ tickMs, maxBuffered, chunk: settings.backgroundChunk, intervalMs: settings.backgroundIntervalMs, timestamps: false });
+    this.#probes = new ProbeWorker({ tickMs, maxBuffered, chunk: settings.probeChunk, intervalMs: tickMs, timestamps: true });
   }
 
   get size(): number {
-    return this.#relays.length;
+    return this.#done.size;
   }
 
   #problem(text: string): void {
     if (this.#problems.length < 20) this.#problems.push(text);
   }
 
-  #flow(from: net.Socket, to: net.Socket, probe: boolean, what: string): Flow {
-    const flow: Flow = {
-      from,
-      to,
-      sent: crypto.createHash('sha256'),
-      sentBytes: 0,
-      received: crypto.createHash('sha256'),
-      receivedBytes: 0,
-      arrivals: probe ? [] : null,
-      skipped: 0,
-      offset: crypto.randomInt(0, POOL.length),
-      ended: Promise.resolve(),
-    };
-    flow.ended = new Promise<void>((resolve) => {
-      to.on('data', (chunk: Buffer) => {
-        if (flow.arrivals && this.#recording) flow.arrivals.push(performance.now());
-        flow.received.update(chunk);
-        flow.receivedBytes += chunk.length;
-      });
-      to.once('end', () => resolve());
-      to.once('close', () => resolve());
-    });
-    to.on('error', (error: NodeJS.ErrnoException) => this.#problem(`${what}: receiver: ${error.code ?? error.message}`));
-    return flow;
-  }
-
   /**
-   * Sets up `count` relays (the first `probes` of them are probes), `concurrency` hand-overs at a time.
-   * Traffic does not start until `start()`.
+   * Sets up `count` relays, `concurrency` hand-overs at a time; the first `probes` go to the probe
+   * worker. Traffic does not start until `start()`.
    */
   async add(count: number, probes: number, concurrency = 48): Promise<void> {
+    const toWorker: Array<{ index: number; fdA: number; fdB: number }> = [];
     let next = 0;
     const loop = async () => {
       while (next < count) {
         const index = next++;
-        const probe = index < probes;
         const [a, nearA] = this.#binding.streamPair();
         const [b, nearB] = this.#binding.streamPair();
-        const sockets: [net.Socket, net.Socket] = [makeSocket(nearA), makeSocket(nearB)];
-        for (const [side, socket] of [['A', sockets[0]], ['B', sockets[1]]] as const) {
-          socket.on('error', (error: NodeJS.ErrnoException) => this.#problem(`relay ${index} side ${side}: ${error.code ?? error.message}`));
-        }
         let started;
         try {
           started = await this.#client.start(a, b, { i: index });
         } catch (error) {
-          this.#binding.closeAll((error as { fds?: number[] }).fds ?? []);
-          for (const socket of sockets) socket.destroy();
+          this.#binding.closeAll([...((error as { fds?: number[] }).fds ?? []), nearA, nearB]);
           throw error;
         }
-        this.#relays.push({
-          index,
-          probe,
-          near: sockets,
-          aToB: this.#flow(sockets[0], sockets[1], probe, `relay ${index} A->B`),
-          bToA: this.#flow(sockets[1], sockets[0], probe, `relay ${index} B->A`),
-          done: started.done,
-        });
+        this.#done.set(index, started.done);
+        if (index < probes) toWorker.push({ index, fdA: nearA, fdB: nearB });
+        else this.#background.add(index, nearSocket(nearA), nearSocket(nearB));
       }
     };
-    await Promise.all(Array.from({ length: concurrency }, loop));
-    this.#relays.sort((x, y) => x.index - y.index);
-  }
-
-  #write(flow: Flow, size: number): void {
-    if (flow.from.writableLength > this.#settings.maxBuffered) {
-      flow.skipped++;
-      return;
+    try {
+      await Promise.all(Array.from({ length: concurrency }, loop));
+    } finally {
+      // Whatever was set up goes to the worker, which owns (and closes) those fds from here.
+      toWorker.sort((x, y) => x.index - y.index);
+      if (toWorker.length) await this.#probes.ask({ op: 'add', relays: toWorker });
+      this.#probeCount += toWorker.length;
     }
-    if (flow.offset + size > POOL.length) flow.offset = 0;
-    const data = POOL.subarray(flow.offset, flow.offset + size);
-    flow.offset += size + 1;
-    flow.sent.update(data);
-    flow.sentBytes += data.length;
-    flow.from.write(data);
   }
 
-  #tick = (): void => {
-    const { probeChunk, backgroundChunk, backgroundIntervalMs, tickMs } = this.#settings;
-    const background: Relay[] = [];
-    for (const relay of this.#relays) {
-      if (relay.probe) {
-        this.#write(relay.aToB, probeChunk);
-        this.#write(relay.bToA, probeChunk);
-      } else {
-        background.push(relay);
-      }
-    }
-    if (background.length === 0) return;
-    // Each background relay once per backgroundIntervalMs: that many relays per tick, round robin.
-    this.#backgroundCredit += (background.length * tickMs) / backgroundIntervalMs;
-    const turns = Math.floor(this.#backgroundCredit);
-    this.#backgroundCredit -= turns;
-    for (let i = 0; i < turns; i++) {
-      const relay = background[this.#backgroundCursor++ % background.length]!;
-      this.#write(relay.aToB, backgroundChunk);
-      this.#write(relay.bToA, backgroundChunk);
-    }
-  };
-
-  /** Starts the paced traffic. */
-  start(): void {
-    if (!this.#timer) this.#timer = setInterval(this.#tick, this.#settings.tickMs);
+  /** Starts the traffic on both threads. */
+  async start(): Promise<void> {
+    await this.#probes.ask({ op: 'start' });
+    this.#background.start();
   }
 
-  /** Records probe arrivals from now on (after a warm-up), or stops recording. */
-  record(on: boolean): void {
-    this.#recording = on;
+  /** Starts (or stops) recording probe arrivals, the probe thread's loop delay and its stalls. */
+  async record(on: boolean): Promise<void> {
+    await this.#probes.ask({ op: 'record', on });
   }
 
-  /** Bytes received so far over every direction. */
-  receivedBytes(): number {
-    let total = 0;
-    for (const relay of this.#relays) total += relay.aToB.receivedBytes + relay.bToA.receivedBytes;
-    return total;
+  /** The probe thread's event-loop delay since the last call (or since recording started), ms; starts over. */
+  probeLoopDelay(): Promise<{ p99: number; max: number }> {
+    return this.#probes.ask({ op: 'delay' });
   }
 
-  /**
-   * The longest interval without arrivals of each probe relay that overlaps [from, to] (both
-   * directions; the relay's figure is the larger), and when it ended relative to `endRef`.
-   */
-  gaps(from: number, to: number, endRef: number): GapFigures {
-    const perRelayMs: number[] = [];
-    const endsRelativeMs: number[] = [];
-    for (const relay of this.#relays) {
-      if (!relay.probe) continue;
-      let longest = 0;
-      let endedAt = Number.NaN;
-      for (const flow of [relay.aToB, relay.bToA]) {
-        const times = flow.arrivals!;
-        for (let i = 1; i < times.length; i++) {
-          const start = times[i - 1]!;
-          const end = times[i]!;
-          if (end < from || start > to) continue;
-          if (end - start > longest) {
-            longest = end - start;
-            endedAt = end;
-          }
-        }
-      }
-      perRelayMs.push(longest);
-      endsRelativeMs.push(endedAt - endRef);
-    }
-    return { perRelayMs, endsRelativeMs };
+  /** The probe thread's longest loop stall overlapping [from, to] (shared clock). */
+  probeStall(from: number, to: number): Promise<Stall | null> {
+    return this.#probes.ask({ op: 'stall', from, to });
+  }
+
+  /** Per probe relay, the longest gap overlapping [from, to] and when it ended relative to `endRef`. */
+  gaps(from: number, to: number, endRef: number): Promise<GapFigures> {
+    return this.#probes.ask({ op: 'gaps', from, to, endRef });
+  }
+
+  /** Bytes received so far over every direction of every relay. */
+  async receivedBytes(): Promise<number> {
+    return this.#background.receivedBytes() + (await this.#probes.ask<number>({ op: 'received' }));
   }
 
   /**
@@ -270,55 +190,52 @@ export class RelayFleet {
    * envelope, compares what was sent with what arrived, and closes everything.
    */
   async finish(ms = 60_000): Promise<FleetCheck> {
-    if (this.#timer) clearInterval(this.#timer);
-    this.#timer = null;
-    this.#recording = false;
-    for (const relay of this.#relays) {
-      relay.near[0].end();
-      relay.near[1].end();
-    }
+    const [probeSide, backgroundFlows] = await Promise.all([
+      this.#probes.ask<{ flows: RelayFlows[]; problems: string[] }>({ op: 'finish', ms }),
+      this.#background.finish(ms),
+    ]);
+    for (const problem of [...probeSide.problems, ...this.#background.problems]) this.#problem(problem);
+    await this.#probes.terminate();
+    const flows = [...probeSide.flows, ...backgroundFlows];
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<'timeout'>((resolve) => (timer = setTimeout(() => resolve('timeout'), ms)));
-    const everything = Promise.all(
-      this.#relays.map(async (relay) => {
-        await Promise.all([relay.aToB.ended, relay.bToA.ended]);
-        return relay.done;
+    const envelopes = new Map<number, ReturnedRelay<number>>();
+    const all = Promise.all(
+      [...this.#done].map(async ([index, done]) => {
+        const relay = await done;
+        this.#binding.closeAll([relay.a, relay.b]);
+        envelopes.set(index, relay);
       }),
     );
-    const outcome = await Promise.race([everything, timeout]);
+    if ((await Promise.race([all, timeout])) === 'timeout') this.#problem(`${this.#done.size - envelopes.size} envelopes did not come within ${ms} ms`);
     clearTimeout(timer);
-    if (outcome === 'timeout') {
-      this.#problem(`not every relay ended within ${ms} ms`);
-      // Whatever comes back later is closed when it comes.
-      for (const relay of this.#relays) void relay.done.then((late) => this.#binding.closeAll([late.a, late.b]));
-    }
+
     const check: FleetCheck = {
-      relays: this.#relays.length,
+      relays: this.#done.size,
       intact: 0,
       bytesLost: 0,
       bytesSent: 0,
       probeBytes: 0,
       backgroundBytes: 0,
-      problems: this.#problems,
       skippedTurns: 0,
+      problems: this.#problems,
     };
-    const returned = outcome === 'timeout' ? null : outcome;
-    this.#relays.forEach((relay, i) => {
+    for (const relay of flows) {
       let intact = true;
       for (const [name, flow] of [['A->B', relay.aToB], ['B->A', relay.bToA]] as const) {
         check.bytesSent += flow.sentBytes;
         check.bytesLost += flow.sentBytes - flow.receivedBytes;
         check.skippedTurns += flow.skipped;
-        if (relay.probe) check.probeBytes += flow.receivedBytes;
+        if (relay.index < this.#probeCount) check.probeBytes += flow.receivedBytes;
         else check.backgroundBytes += flow.receivedBytes;
-        const sent = flow.sent.digest('hex');
-        const received = flow.received.digest('hex');
-        if (sent !== received || flow.sentBytes !== flow.receivedBytes) {
+        if (flow.sentSha256 !== flow.receivedSha256 || flow.sentBytes !== flow.receivedBytes) {
           intact = false;
-          this.#problem(`relay ${relay.index} ${name}: sent ${flow.sentBytes} B, received ${flow.receivedBytes} B, sha256 ${sent === received ? 'equal' : 'differs'}`);
+          this.#problem(
+            `relay ${relay.index} ${name}: sent ${flow.sentBytes} B, received ${flow.receivedBytes} B, sha256 ${flow.sentSha256 === flow.receivedSha256 ? 'equal' : 'differs'}`,
+          );
         }
       }
-      const envelope = returned?.[i]?.envelope;
+      const envelope = envelopes.get(relay.index)?.envelope;
       if (!envelope) {
         intact = false;
       } else {
@@ -328,20 +245,20 @@ export class RelayFleet {
         }
         if (envelope.bytesAToB !== relay.aToB.sentBytes || envelope.bytesBToA !== relay.bToA.sentBytes) {
           intact = false;
-          this.#problem(`relay ${relay.index}: the envelope counts ${envelope.bytesAToB}/${envelope.bytesBToA} B, sent ${relay.aToB.sentBytes}/${relay.bToA.sentBytes} B`);
+          this.#problem(`relay ${relay.index}: the envelope counts ${envelope.bytesAToB}/${envelope.bytesBToA} B, ${relay.aToB.sentBytes}/${relay.bToA.sentBytes} B were sent`);
         }
       }
       if (intact) check.intact++;
-    });
-    if (returned) for (const relay of returned) this.#binding.closeAll([relay.a, relay.b]);
-    this.close();
+    }
+    if (flows.length !== this.#done.size) this.#problem(`${flows.length} relays reported traffic, ${this.#done.size} were set up`);
     return check;
   }
 
-  /** Stops the traffic and destroys every near end (also after a failure). */
-  close(): void {
-    if (this.#timer) clearInterval(this.#timer);
-    this.#timer = null;
-    for (const relay of this.#relays) for (const socket of relay.near) socket.destroy();
+  /** Stops everything and closes every near end (after a failure). */
+  async close(): Promise<void> {
+    this.#background.close();
+    await this.#probes.ask({ op: 'close' }).catch(() => undefined);
+    await this.#probes.terminate();
+    for (const done of this.#done.values()) void done.then((relay) => this.#binding.closeAll([relay.a, relay.b]));
   }
 }

@@ -9,11 +9,11 @@
  * was runnable and got no CPU ("waited": the machine is busy elsewhere).
  */
 import fs from 'node:fs';
-import { performance } from 'node:perf_hooks';
+import { now } from './handoff-flows.js';
 
 /** One stall of the event loop. */
 export interface Stall {
-  /** When the loop got going again (performance.now()). */
+  /** When the loop got going again (the shared clock of handoff-flows.ts, `now()`). */
   endAt: number;
   ms: number;
   /** Time on a CPU during the stall (this thread). */
@@ -45,15 +45,15 @@ export class StallMonitor {
   }
 
   start(): void {
-    this.#last = performance.now();
+    this.#last = now();
     [this.#lastRun, this.#lastWait] = schedstat();
     this.#timer = setInterval(() => {
-      const now = performance.now();
+      const time = now();
       const [run, wait] = schedstat();
-      if (now - this.#last > this.#thresholdMs) {
-        this.stalls.push({ endAt: now, ms: now - this.#last, ranMs: run - this.#lastRun, waitedMs: wait - this.#lastWait });
+      if (time - this.#last > this.#thresholdMs) {
+        this.stalls.push({ endAt: time, ms: time - this.#last, ranMs: run - this.#lastRun, waitedMs: wait - this.#lastWait });
       }
-      this.#last = now;
+      this.#last = time;
       this.#lastRun = run;
       this.#lastWait = wait;
     }, 1);
@@ -102,5 +102,35 @@ export function loadAverage(): number {
     return Number(fs.readFileSync('/proc/loadavg', 'utf8').split(' ')[0]);
   } catch {
     return Number.NaN;
+  }
+}
+
+/** What {@link waitForQuiet} saw. */
+export interface QuietReading {
+  /** How long it waited for the machine to calm down (ms). */
+  waitedMs: number;
+  /** CPU use of everything but this process over the last sample, percent of one CPU. */
+  othersPercent: number;
+  quiet: boolean;
+}
+
+/**
+ * Waits (up to `maxWaitMs`) until the rest of the machine uses less than `thresholdPercent` of one CPU
+ * over a `sampleMs` sample: on a shared 2-core machine another job's burst would otherwise be measured
+ * as pause. Resolves either way; `quiet` says which.
+ */
+export async function waitForQuiet(maxWaitMs: number, thresholdPercent: number, cpus: number, sampleMs = 500): Promise<QuietReading> {
+  const started = Date.now();
+  for (;;) {
+    const machineBefore = machineCpu();
+    const ownBefore = process.cpuUsage();
+    const wallBefore = Date.now();
+    await new Promise((resolve) => setTimeout(resolve, sampleMs));
+    const own = process.cpuUsage(ownBefore);
+    const ownPercent = ((own.user + own.system) / 1e3 / Math.max(1, Date.now() - wallBefore)) * 100;
+    const othersPercent = machineBusyPercent(machineBefore, machineCpu(), cpus) - ownPercent;
+    const waitedMs = Date.now() - started;
+    if (othersPercent < thresholdPercent) return { waitedMs, othersPercent, quiet: true };
+    if (waitedMs >= maxWaitMs) return { waitedMs, othersPercent, quiet: false };
   }
 }

@@ -16,7 +16,7 @@
  * - `pipe`: relays by itself, the naive way: `a.pipe(b); b.pipe(a)` (and destroys both on an error).
  *
  * A and B are accepted paused (`pauseOnConnect`), so nothing is read into Node before the hand-over.
- * Its counters go to stderr on exit if a connection failed; the proxy stops on SIGTERM/SIGINT, or by itself once its parent is gone.
+ * In splicer mode its counters go to stderr on exit if a hand-over failed; the proxy stops on SIGTERM/SIGINT, or by itself once its parent is gone.
  */
 import net from 'node:net';
 import { SplicerClient } from '../../lib/client/splicer.js';
@@ -120,7 +120,7 @@ server.listen({ host: '127.0.0.1', port: 0, backlog: 4096 }, () => {
 });
 
 const stop = (): void => {
-  if (counters.failed > 0) process.stderr.write(`splicer-proxy (${mode}): ${JSON.stringify(counters)}\n`);
+  if (mode === 'splicer' && counters.failed > 0) process.stderr.write(`splicer-proxy (${mode}): ${JSON.stringify(counters)}\n`);
   server.close();
   client?.close();
   process.exit(0);

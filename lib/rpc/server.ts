@@ -119,6 +119,7 @@ export interface ServerCounters {
   errors: number;
   faults: number;
   acceptFdExhaustion: number;
+  receiveFdExhaustion: number;
 }
 
 interface Connection extends ConnectionInfo {
@@ -167,6 +168,7 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
     errors: 0,
     faults: 0,
     acceptFdExhaustion: 0,
+    receiveFdExhaustion: 0,
   };
   readonly #options: RpcServerOptions;
   readonly #limits: ServerLimits;
@@ -401,14 +403,7 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
       const code = (error as NodeJS.ErrnoException).code ?? '';
       if (FD_EXHAUSTION_CODES.has(code)) {
         this.counters.acceptFdExhaustion++;
-        const now = Date.now();
-        if (now - this.#lastExhaustionLog >= EXHAUSTION_LOG_INTERVAL_MS) {
-          this.#lastExhaustionLog = now;
-          this.#log.warn(
-            { code, refusedSoFar: this.counters.acceptFdExhaustion, connections: this.#connections.size },
-            'out of file descriptors: new connections wait in the backlog; existing ones are served (raise LimitNOFILE or lower the load)',
-          );
-        }
+        this.#warnFdExhaustion(code, 'out of file descriptors: new connections wait in the backlog; existing ones are served (raise LimitNOFILE or lower the load)');
       } else {
         this.#log.error({ err: error }, 'accept failed');
       }
@@ -421,6 +416,21 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
       return;
     }
     this.#open(fd);
+  }
+
+  #warnFdExhaustion(code: string, message: string): void {
+    const now = Date.now();
+    if (now - this.#lastExhaustionLog < EXHAUSTION_LOG_INTERVAL_MS) return;
+    this.#lastExhaustionLog = now;
+    this.#log.warn(
+      {
+        code,
+        acceptFdExhaustion: this.counters.acceptFdExhaustion,
+        receiveFdExhaustion: this.counters.receiveFdExhaustion,
+        connections: this.#connections.size,
+      },
+      message,
+    );
   }
 
   #open(fd: number, restored?: ExportedConnection): Connection | null {
@@ -453,7 +463,14 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
     channel.on('message', (message) => this.#onMessage(connection, message));
     channel.on('fault', (error) => {
       this.counters.faults++;
-      connection.log.info({ code: error.code, requestId: error.requestId }, `bad message: ${error.message}`);
+      if (error.code === 'EFDFERRY_CTRUNC') {
+        // The kernel dropped the request's fds because we are at RLIMIT_NOFILE: say so clearly, but once per
+        // interval; the client still holds its copies and gets the refusal.
+        this.counters.receiveFdExhaustion++;
+        this.#warnFdExhaustion('EMFILE', 'out of file descriptors: a request\'s fds were dropped by the kernel and it was refused; existing tasks continue (raise LimitNOFILE or lower the load)');
+      } else {
+        connection.log.info({ code: error.code, requestId: error.requestId }, `bad message: ${error.message}`);
+      }
       this.#reject(connection, error.requestId, error, error.fds);
     });
     channel.on('drain', () => {

@@ -12,6 +12,7 @@ import type { ExportSummary } from '../../lib/handoff/participant.js';
 import type { PausedRelay, RelayCompletion, SpliceEngine, SpliceEngineOptions } from '../../lib/native-splice.js';
 import { ProtocolError } from '../../lib/protocol/errors.js';
 import { defineMethod, type MethodTable } from '../../lib/rpc/server.js';
+import { openFileLimit } from '../../lib/limits.js';
 import { buildEnvelope, snapshotTcp } from './envelope.js';
 import { exportRelay, importRelay, pausedFds, type SplicerState } from './handoff.js';
 import { parseSpliceRequest, type SpliceRequestLimits, DEFAULT_REQUEST_LIMITS } from './request.js';
@@ -56,6 +57,15 @@ export class SplicerService implements Service {
     this.#engine = context.binding.createSpliceEngine(options.engine, (completions) => this.#onCompletions(completions));
     const stats = this.#engine.stats();
     context.log.info({ engine: options.engine, pipeSizeMin: stats.pipeSizeMin, limits: options.tasks }, 'splice engine started');
+    // Each relay holds 2 fds, each borrowed pipe 2 more; client connections and kept envelopes come on top.
+    const needed = 2 * options.tasks.maxTasks + 2 * options.engine.maxPipes + 256;
+    const limit = openFileLimit();
+    if (limit && needed > limit.soft) {
+      context.log.warn(
+        { openFileLimit: limit.soft, needed, maxTasks: options.tasks.maxTasks, maxPipes: options.engine.maxPipes },
+        `--max-tasks and --max-pipes need about ${needed} fds but the open-file limit is ${limit.soft}: new relays will be refused (EFDFERRY_CTRUNC: fds dropped by the kernel) before the task limit is reached (raise LimitNOFILE= or lower the limits)`,
+      );
+    }
   }
 
   methods(): MethodTable {

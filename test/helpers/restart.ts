@@ -61,31 +61,43 @@ export class Generations {
 }
 
 /**
- * Streams random bytes from `socket` without pause (writing again as soon as the kernel takes the last
- * chunk) until `stop()`, then half-closes; `sent()` is the sha256 and count of everything written.
+ * Streams random bytes from `socket` until `stop()`, then half-closes; `sent()` is the sha256 and count of
+ * everything written. With `intervalMs` 0 it writes again as soon as the kernel takes the last chunk;
+ * otherwise it writes one chunk per interval (load-generator pacing, so hundreds of relays do not saturate
+ * a 2-core machine) and still never lets a gap open longer than that while the relay takes the bytes.
  */
-export function streamForever(socket: net.Socket, pool: Buffer, chunk = 16 * 1024) {
+export function streamForever(socket: net.Socket, pool: Buffer, chunk = 16 * 1024, intervalMs = 0) {
   const hash = crypto.createHash('sha256');
   let bytes = 0;
   let stopped = false;
   let resolveDone!: () => void;
   const done = new Promise<void>((resolve) => (resolveDone = resolve));
+  const writeOne = (): boolean => {
+    const offset = crypto.randomInt(0, pool.length - chunk);
+    const data = pool.subarray(offset, offset + chunk);
+    hash.update(data);
+    bytes += data.length;
+    return socket.write(data);
+  };
+  const finish = () => socket.end(() => resolveDone());
   const pump = () => {
+    if (stopped) return finish();
+    if (intervalMs > 0) {
+      if (writeOne()) setTimeout(pump, intervalMs);
+      else socket.once('drain', pump);
+      return;
+    }
     while (!stopped) {
-      const offset = crypto.randomInt(0, pool.length - chunk);
-      const data = pool.subarray(offset, offset + chunk);
-      hash.update(data);
-      bytes += data.length;
-      if (!socket.write(data)) {
+      if (!writeOne()) {
         socket.once('drain', pump);
         return;
       }
     }
-    socket.end(() => resolveDone());
+    finish();
   };
   setImmediate(pump);
   return {
-    // The pump only ever waits for 'drain', and sees the flag when it comes back.
+    // The pump only ever waits for a timer or 'drain', and sees the flag when it comes back.
     stop: () => {
       stopped = true;
       return done;
