@@ -712,6 +712,29 @@ Napi::Value ErrnoName(Napi::Env env, int err) {
   return Napi::String::New(env, name);
 }
 
+// A relay between fd_a and fd_b with the limits and prefaces of `options` (RelayOptions), as add() and resume()
+// both build it.
+std::unique_ptr<Relay> NewRelay(Napi::Env env, double id, int fd_a, int fd_b, const Napi::Object& options) {
+  auto relay = std::make_unique<Relay>();
+  relay->id = static_cast<uint64_t>(id);
+  relay->fd_a = fd_a;
+  relay->fd_b = fd_b;
+  relay->idle_timeout_ms = static_cast<int64_t>(NumberField(options, "idleTimeoutMs", 0, 0, kMaxSafeInteger));
+  relay->max_duration_ms = static_cast<int64_t>(NumberField(options, "maxDurationMs", 0, 0, kMaxSafeInteger));
+  relay->ab.cap = static_cast<uint64_t>(NumberField(options, "maxBytesAToB", 0, 0, kMaxSafeInteger));
+  relay->ba.cap = static_cast<uint64_t>(NumberField(options, "maxBytesBToA", 0, 0, kMaxSafeInteger));
+  relay->ab.preface = BytesField(options, "prefaceAToB");
+  relay->ba.preface = BytesField(options, "prefaceBToA");
+  relay->ab.src = fd_a, relay->ab.dst = fd_b, relay->ab.src_side = 'a', relay->ab.dst_side = 'b';
+  relay->ba.src = fd_b, relay->ba.dst = fd_a, relay->ba.src_side = 'b', relay->ba.dst_side = 'a';
+  // The engine needs nonblocking sockets. O_NONBLOCK lives on the open file description, so the sockets come
+  // back to their owner nonblocking too (as any socket a Node program holds already is).
+  for (int fd : {fd_a, fd_b}) {
+    if (SetNonblocking(fd) < 0) throw ErrnoException(env, errno, "fcntl");
+  }
+  return relay;
+}
+
 Napi::Object PipeObject(Napi::Env env, const int (&fds)[2], uint64_t bytes) {
   Napi::Object pipe = Napi::Object::New(env);
   Napi::Array pair = Napi::Array::New(env, 2);
@@ -790,24 +813,7 @@ Napi::Value SpliceEngine::Add(const Napi::CallbackInfo& info) {
   if (!(id >= 0 && id <= kMaxSafeInteger)) throw Napi::RangeError::New(env, "relay id out of range");
   int fd_a = info[1].As<Napi::Number>().Int32Value();
   int fd_b = info[2].As<Napi::Number>().Int32Value();
-  Napi::Object options = info[3].As<Napi::Object>();
-  auto relay = std::make_unique<Relay>();
-  relay->id = static_cast<uint64_t>(id);
-  relay->fd_a = fd_a;
-  relay->fd_b = fd_b;
-  relay->idle_timeout_ms = static_cast<int64_t>(NumberField(options, "idleTimeoutMs", 0, 0, kMaxSafeInteger));
-  relay->max_duration_ms = static_cast<int64_t>(NumberField(options, "maxDurationMs", 0, 0, kMaxSafeInteger));
-  relay->ab.cap = static_cast<uint64_t>(NumberField(options, "maxBytesAToB", 0, 0, kMaxSafeInteger));
-  relay->ba.cap = static_cast<uint64_t>(NumberField(options, "maxBytesBToA", 0, 0, kMaxSafeInteger));
-  relay->ab.preface = BytesField(options, "prefaceAToB");
-  relay->ba.preface = BytesField(options, "prefaceBToA");
-  relay->ab.src = fd_a, relay->ab.dst = fd_b, relay->ab.src_side = 'a', relay->ab.dst_side = 'b';
-  relay->ba.src = fd_b, relay->ba.dst = fd_a, relay->ba.src_side = 'b', relay->ba.dst_side = 'a';
-  // The engine needs nonblocking sockets. O_NONBLOCK lives on the open file description, so the sockets come
-  // back to their owner nonblocking too (as any socket a Node program holds already is).
-  for (int fd : {fd_a, fd_b}) {
-    if (SetNonblocking(fd) < 0) throw ErrnoException(env, errno, "fcntl");
-  }
+  auto relay = NewRelay(env, id, fd_a, fd_b, info[3].As<Napi::Object>());
   relay->started_mono = relay->last_activity = MonotonicMs();
   relay->started_wall = WallMs();
   Relay* raw = relay.release();
@@ -915,19 +921,7 @@ void SpliceEngine::Resume(const Napi::CallbackInfo& info) {
   int fd_b = static_cast<int>(NumberField(record, "fdB", -1, 0, 1 << 30));
   Napi::Value options_value = record.Get("options");
   if (!options_value.IsObject()) throw Napi::TypeError::New(env, "\"options\" must be an object");
-  Napi::Object options = options_value.As<Napi::Object>();
-  auto relay = std::make_unique<Relay>();
-  relay->id = static_cast<uint64_t>(id);
-  relay->fd_a = fd_a;
-  relay->fd_b = fd_b;
-  relay->idle_timeout_ms = static_cast<int64_t>(NumberField(options, "idleTimeoutMs", 0, 0, kMaxSafeInteger));
-  relay->max_duration_ms = static_cast<int64_t>(NumberField(options, "maxDurationMs", 0, 0, kMaxSafeInteger));
-  relay->ab.cap = static_cast<uint64_t>(NumberField(options, "maxBytesAToB", 0, 0, kMaxSafeInteger));
-  relay->ba.cap = static_cast<uint64_t>(NumberField(options, "maxBytesBToA", 0, 0, kMaxSafeInteger));
-  relay->ab.preface = BytesField(options, "prefaceAToB");
-  relay->ba.preface = BytesField(options, "prefaceBToA");
-  relay->ab.src = fd_a, relay->ab.dst = fd_b, relay->ab.src_side = 'a', relay->ab.dst_side = 'b';
-  relay->ba.src = fd_b, relay->ba.dst = fd_a, relay->ba.src_side = 'b', relay->ba.dst_side = 'a';
+  auto relay = NewRelay(env, id, fd_a, fd_b, options_value.As<Napi::Object>());
   relay->ab.bytes = static_cast<uint64_t>(NumberField(record, "bytesAToB", 0, 0, kMaxSafeInteger));
   relay->ba.bytes = static_cast<uint64_t>(NumberField(record, "bytesBToA", 0, 0, kMaxSafeInteger));
   relay->ab.finished = record.Get("finishedAToB").ToBoolean();
@@ -952,9 +946,6 @@ void SpliceEngine::Resume(const Napi::CallbackInfo& info) {
     direction->pipe.size = size;
     direction->in_pipe = static_cast<uint64_t>(NumberField(pipe, "bytes", 0, 0, kMaxSafeInteger));
     adopted++;
-  }
-  for (int fd : {fd_a, fd_b}) {
-    if (SetNonblocking(fd) < 0) throw ErrnoException(env, errno, "fcntl");
   }
   // From here the pipes are the engine's: they count toward the pipe budget like any it created.
   shared_->pipes_total += adopted;

@@ -251,6 +251,10 @@ t.test('every injected fault rolls back: same pid, every relay carries on intact
       t.equal(report?.ok, false, 'the report says ok: false');
       t.match(report?.failure, { phase: EXPECTED[fault].phase, code: EXPECTED[fault].code, message: String }, `failure names the phase and code: ${JSON.stringify(report?.failure)}`);
       t.equal(report?.oldPid, daemon.pid, 'the report names the old process');
+      if (['crash-after-fds', 'reject-state', 'hang-after-ack'].includes(fault)) {
+        // These fail after the pause: every relay was paused and exported, bytes in its pipes included.
+        t.equal(report?.tasks, RELAYS, `every relay had been paused and sent (${String(report?.bytesInFlight)} bytes in pipes)`);
+      }
       if (fault.startsWith('hang')) {
         // The whole hand-over, rollback included, is bounded by --handoff-timeout (plus the time to kill the successor).
         t.ok(
