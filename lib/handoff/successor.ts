@@ -83,11 +83,16 @@ export class Successor {
 
   #committed = false;
 
-  /** Waits until we are no longer the predecessor's child (see spawn.ts). */
+  /**
+   * Makes sure we are not the predecessor's child (see spawn.ts). Started through `setsid --fork`, our
+   * parent is first the launcher, and the predecessor waits for the launcher to exit before it reads our
+   * hello, so by the time we send MAINPID (after commit) we belong to the reaper. This check catches a
+   * successor started directly by the predecessor, which systemd 252 would treat as an alien.
+   */
   async waitUntilReparented(timeoutMs = 5_000): Promise<void> {
     const deadline = Date.now() + timeoutMs;
     while (process.ppid === this.#environment.parentPid) {
-      if (Date.now() > deadline) throw new HandoffError('hello', 'REPARENT', 'still the predecessor\'s child');
+      if (Date.now() > deadline) throw new HandoffError('hello', 'REPARENT', "still the predecessor's child");
       await new Promise((resolve) => setTimeout(resolve, 2));
     }
   }

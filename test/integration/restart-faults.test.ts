@@ -239,7 +239,9 @@ t.test('every injected fault rolls back: same pid, every relay carries on intact
     await t.test(fault, async (t) => {
       const pidsBefore = logPids(daemon);
       const failed = await ctl(t, daemon.socket, ['reload', '--fault', fault]);
-      // The successor's pid: from the report, otherwise from its log lines (it logs as soon as its engine starts).
+      // The successor's pid: from the report, otherwise from its log lines (it logs as soon as its engine starts;
+      // the line may be read from the pipe only after the report).
+      await eventually(() => [...logPids(daemon)].some((pid) => !pidsBefore.has(pid)), 2_000);
       const newLogPids = [...logPids(daemon)].filter((pid) => !pidsBefore.has(pid));
       for (const pid of newLogPids) started.add(pid);
       started.add(failed.report?.newPid);
@@ -368,7 +370,10 @@ t.test('SIGTERM during a hand-over: rollback, then a clean stop with every envel
   daemon.kill('SIGTERM');
   const exitCode = await withDeadline(daemon.exited, 20_000, 'the daemon to stop').catch((error: Error) => error.message);
   t.equal(exitCode, 0, 'the daemon exits 0');
-  const messages = daemon.logs.filter((line) => Number(line.pid) === daemon.pid).map((line) => String(line.msg));
+  // The exit can be seen before the last lines of its stdout have been read.
+  const ownLines = () => daemon.logs.filter((line) => Number(line.pid) === daemon.pid).map((line) => String(line.msg));
+  await eventually(() => ownLines().includes('stopped'), 5_000);
+  const messages = ownLines();
   const order = ['stop requested during a hand-over: rolling it back first', 'hand-over failed in', 'stopping: no new work; finishing tasks', 'stopped'].map((prefix) =>
     messages.findIndex((msg) => msg.startsWith(prefix)),
   );
