@@ -6,6 +6,8 @@ import { execFileSync, spawnSync } from 'node:child_process';
 /** [command the tests run, Debian package that provides it, what for] */
 const needed = [
   ['prlimit', 'util-linux', 'lowering a child process fd limit (MSG_CTRUNC and EMFILE tests)'],
+  ['setsid', 'util-linux', 'starting a successor re-parented away from its predecessor (restart tests)'],
+  ['python3', 'python3', 'forging partly sealed memfds the Node API cannot make (protocol tests)'],
   ['ip', 'iproute2', 'network namespaces for TCP tests'],
 ];
 
