@@ -8,9 +8,13 @@
  *   FDFERRY_BENCH_SECTIONS=a,b         only these of throughput, setup, handover, idle (default: all)
  *   FDFERRY_BENCH_SECONDS=N            iperf3 -t (default 3; quick 1)
  *   FDFERRY_BENCH_PIPE_SIZE=N          the Splicer daemon's --pipe-size in every section (default: the daemon's, 256 KiB)
- *   FDFERRY_BENCH_PIPE_SIZES=N,M       extra throughput systems: Splicer with --pipe-size N, M (an exploration)
+ *   FDFERRY_BENCH_PIPE_SIZES=N,M       extra throughput systems: Splicer with --pipe-size N, M (default 1048576,
+ *                                      the best found; quick: none; empty: none)
+ *   FDFERRY_BENCH_SYSTEMS=a,b          only these throughput systems besides Splicer (of direct, socat, haproxy, node)
  *   FDFERRY_BENCH_HAPROXY_THREADS=N    HAProxy's nbthread (default: HAProxy's own, one per CPU)
+ *   FDFERRY_BENCH_HAPROXY_PIPESIZE=N   HAProxy's tune.pipesize (default: HAProxy's own, the kernel's 64 KiB)
  *   FDFERRY_BENCH_RETURNED=net|fd      how the Splicer proxy takes sockets back (default net: net.Socket, destroyed)
+ *   FDFERRY_BENCH_NO_INSTALL=1         do not install missing tools (skip what needs them)
  *
  * Sections, each system in fresh processes per run, systems alternating from run to run (A B C, B C A...),
  * every figure the median over the runs:
@@ -20,7 +24,8 @@
  *    (`TCP-LISTEN,fork`), HAProxy (`mode tcp`, `option splice-request`/`splice-response`), and the naive
  *    Node relay (the same proxy doing `a.pipe(b); b.pipe(a)`). With each: relay CPU seconds (utime + stime
  *    from /proc/<pid>/stat, before and after; for Splicer the daemon, whose engine thread is in it, plus
- *    the accepting proxy) per GiB received by the iperf3 server.
+ *    the accepting proxy) per GiB received by the iperf3 server, and the whole machine's busy CPU seconds
+ *    (/proc/stat) per GiB.
  * 2. setup: short connections per second (connect, send 1 byte, read it back, close; 32 at once from this
  *    process) through the Splicer proxy, the same proxy relaying with pipe(), and HAProxy, to a Node echo
  *    server; p50/p99 of a whole connection.
@@ -49,6 +54,7 @@ import { spawnTs, stopChild, type Placement } from './lib/process.js';
 import {
   LineReader,
   contextSwitches,
+  machineBusySeconds,
   ensureTools,
   freePort,
   kernelRelease,
@@ -94,6 +100,9 @@ interface Settings {
   pipeSize: number | null;
   exploredPipeSizes: number[];
   haproxyThreads: number | null;
+  haproxyPipeSize: number | null;
+  /** Throughput systems to run besides Splicer; null: all. */
+  systems: string[] | null;
   returned: 'net' | 'fd';
   setup: { concurrency: number; warmupMs: number; measureMs: number };
   handover: { warmup: number; sequential: number; concurrent: number; concurrency: number };
@@ -124,10 +133,13 @@ function readSettings(env: NodeJS.ProcessEnv): Settings {
     iperfSeconds: env.FDFERRY_BENCH_SECONDS ? positiveInteger('FDFERRY_BENCH_SECONDS', env.FDFERRY_BENCH_SECONDS) : quick ? 1 : 3,
     streams: [1, 4],
     pipeSize: env.FDFERRY_BENCH_PIPE_SIZE ? positiveInteger('FDFERRY_BENCH_PIPE_SIZE', env.FDFERRY_BENCH_PIPE_SIZE) : null,
-    exploredPipeSizes: (env.FDFERRY_BENCH_PIPE_SIZES ?? '')
+    // 1 MiB measured best among 64 KiB - 1 MiB (docs/benchmarks.md); "" explores none.
+    exploredPipeSizes: (env.FDFERRY_BENCH_PIPE_SIZES ?? (quick ? '' : '1048576'))
       .split(',')
       .filter(Boolean)
       .map((text) => positiveInteger('FDFERRY_BENCH_PIPE_SIZES', text)),
+    systems: env.FDFERRY_BENCH_SYSTEMS ? env.FDFERRY_BENCH_SYSTEMS.split(',').map((name) => name.trim()) : null,
+    haproxyPipeSize: env.FDFERRY_BENCH_HAPROXY_PIPESIZE ? positiveInteger('FDFERRY_BENCH_HAPROXY_PIPESIZE', env.FDFERRY_BENCH_HAPROXY_PIPESIZE) : null,
     haproxyThreads: env.FDFERRY_BENCH_HAPROXY_THREADS ? positiveInteger('FDFERRY_BENCH_HAPROXY_THREADS', env.FDFERRY_BENCH_HAPROXY_THREADS) : null,
     returned,
     setup: quick ? { concurrency: 32, warmupMs: 200, measureMs: 500 } : { concurrency: 32, warmupMs: 500, measureMs: 2_000 },
@@ -167,10 +179,15 @@ interface Daemon {
 
 let runCounter = 0;
 
-/** A fresh temporary directory, removed by the returned function. */
+/** A fresh temporary directory, removed by the returned function, or at exit (SIGINT) at the latest. */
 function tempDir(): { dir: string; remove: () => void } {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fdf-bench-'));
-  return { dir, remove: () => fs.rmSync(dir, { recursive: true, force: true }) };
+  const remove = () => {
+    process.off('exit', remove);
+    fs.rmSync(dir, { recursive: true, force: true });
+  };
+  process.on('exit', remove);
+  return { dir, remove };
 }
 
 async function startDaemon(dir: string, settings: Settings, options: { probe?: boolean; pipeSize?: number | null } = {}): Promise<Daemon> {
@@ -226,6 +243,7 @@ async function startHaproxy(file: string, dir: string, upstreamPort: number, set
       'global',
       '  maxconn 4096',
       ...(settings.haproxyThreads === null ? [] : [`  nbthread ${settings.haproxyThreads}`]),
+      ...(settings.haproxyPipeSize === null ? [] : [`  tune.pipesize ${settings.haproxyPipeSize}`]),
       'defaults',
       '  mode tcp',
       '  timeout connect 5s',
@@ -343,6 +361,8 @@ interface StreamFigures {
   daemonCpuSPerGiB: number;
   /** Relay context switches per GiB (all threads); NaN for direct and socat. */
   switchesPerGiB: number;
+  /** CPU seconds of the whole machine per GiB (iperf3 client and server, relay, softirq; and whatever else runs). */
+  machineCpuSPerGiB: number;
 }
 
 interface IperfResult {
@@ -408,11 +428,13 @@ async function throughputRun(system: ThroughputSystem, context: ThroughputContex
       const cpuBefore = relay?.cpu() ?? { user: 0, system: 0 };
       const daemonBefore = relay?.daemonCpu?.() ?? { user: 0, system: 0 };
       const switchesBefore = relay?.switches() ?? Number.NaN;
+      const machineBefore = machineBusySeconds();
       const result = await runIperf(iperf, relay?.port ?? serverPort, streams, settings.iperfSeconds, placement);
       await relay?.settle();
       const cpuAfter = relay?.cpu() ?? { user: 0, system: 0 };
       const daemonAfter = relay?.daemonCpu?.() ?? { user: 0, system: 0 };
       const switchesAfter = relay?.switches() ?? Number.NaN;
+      const machineAfter = machineBusySeconds();
       const gib = result.bytes / GiB;
       const user = cpuAfter.user - cpuBefore.user;
       const system_ = cpuAfter.system - cpuBefore.system;
@@ -426,6 +448,7 @@ async function throughputRun(system: ThroughputSystem, context: ThroughputContex
         sysSPerGiB: perGiB(system_),
         daemonCpuSPerGiB: relay?.daemonCpu ? perGiB(daemonAfter.user + daemonAfter.system - daemonBefore.user - daemonBefore.system) : Number.NaN,
         switchesPerGiB: perGiB(switchesAfter - switchesBefore),
+        machineCpuSPerGiB: (machineAfter - machineBefore) / gib,
       };
     }
     context.progress(
@@ -902,7 +925,7 @@ export async function run(options: BenchOptions): Promise<Record<string, unknown
   options.progress(
     `splicer: ${options.runs} alternating run(s) per section (${settings.sections.join(', ')})${settings.quick ? ', QUICK' : ''}, CPU placement: ${options.placement}`,
   );
-  const tools = ensureTools(options.progress);
+  const tools = ensureTools(options.progress, { install: !['1', 'true'].includes(process.env.FDFERRY_BENCH_NO_INSTALL ?? '') });
   for (const [tool, found] of Object.entries(tools.found)) options.progress(`  ${tool}: ${found.path} (${found.version})`);
   const context: ThroughputContext = { settings, tools, placement: options.placement, dir, progress: options.progress };
   const skipped: Record<string, string> = {};
@@ -920,7 +943,9 @@ export async function run(options: BenchOptions): Promise<Record<string, unknown
       splicerDaemon: `fdferry splicer ${daemonArgs('<socket>', settings).slice(1).join(' ')}`,
       splicerPipeSize: settings.pipeSize ?? 'daemon default (262144)',
       splicerProxyReturnedSockets: settings.returned,
-      haproxy: `mode tcp, option splice-request, option splice-response, nbthread ${settings.haproxyThreads ?? 'default (one per CPU)'}`,
+      haproxy:
+        `mode tcp, option splice-request, option splice-response, nbthread ${settings.haproxyThreads ?? 'default (one per CPU)'}, ` +
+        `tune.pipesize ${settings.haproxyPipeSize ?? 'default (the kernel pipe size, 64 KiB)'}`,
       socat: 'TCP-LISTEN:<port>,bind=127.0.0.1,fork,reuseaddr TCP:127.0.0.1:<upstream> (default 8 KiB buffer)',
       naiveNode: 'bench/lib/splicer-proxy.ts pipe: a.pipe(b); b.pipe(a)',
       setup: settings.setup,
@@ -937,12 +962,14 @@ export async function run(options: BenchOptions): Promise<Record<string, unknown
         skipped.throughput = `iperf3 is not available: ${tools.missing.iperf3}`;
         options.progress(`throughput: SKIPPED, ${skipped.throughput}`);
       } else {
-        const systems: string[] = ['direct', 'splicer', ...settings.exploredPipeSizes.map((size) => `splicer-pipe-${size}`)];
+        const wanted = (system: string) => settings.systems === null || settings.systems.includes(system);
+        const systems: string[] = [...(wanted('direct') ? ['direct'] : []), 'splicer', ...settings.exploredPipeSizes.map((size) => `splicer-pipe-${size}`)];
         for (const tool of ['socat', 'haproxy'] as const) {
+          if (!wanted(tool)) continue;
           if (tools.found[tool]) systems.push(tool);
           else skipped[`throughput.${tool}`] = `${tool} is not available: ${tools.missing[tool]}`;
         }
-        systems.push('node');
+        if (wanted('node')) systems.push('node');
         options.progress(`throughput: ${systems.join(', ')}; iperf3 -t ${settings.iperfSeconds}, ${settings.streams.join(' and ')} stream(s)`);
         const runs = await alternate(systems, options.runs, async (system, runIndex) => {
           if (system === systems[runIndex % systems.length]) options.progress(`run ${runIndex + 1}/${options.runs}`);
@@ -969,21 +996,28 @@ export async function run(options: BenchOptions): Promise<Record<string, unknown
                   relaySysSPerGiB: orNull(f.sysSPerGiB),
                   ...(system.startsWith('splicer') ? { daemonCpuSPerGiB: orNull(f.daemonCpuSPerGiB) } : {}),
                   relayContextSwitchesPerGiB: orNull(f.switchesPerGiB),
+                  machineCpuSPerGiB: f.machineCpuSPerGiB,
                 },
               ];
             }),
           );
-          const splicer = medians.splicer![key]!;
-          const against = (other: string) => {
-            const f = medians[other]?.[key];
-            return f ? { gbps: orNull(ratio(splicer.gbps, f.gbps)), relayCpuSPerGiB: orNull(ratio(splicer.cpuSPerGiB, f.cpuSPerGiB)) } : null;
-          };
-          ratios[key] = {
-            'splicer/haproxy': against('haproxy'),
-            'splicer/socat': against('socat'),
-            'splicer/node': against('node'),
-            'splicer/direct': { gbps: orNull(ratio(splicer.gbps, medians.direct![key]!.gbps)) },
-          };
+          const keyRatios: Record<string, unknown> = {};
+          for (const variant of systems.filter((system) => system.startsWith('splicer'))) {
+            const splicer = medians[variant]![key]!;
+            const against = (other: string) => {
+              const f = medians[other]?.[key];
+              return f
+                ? {
+                    gbps: orNull(ratio(splicer.gbps, f.gbps)),
+                    relayCpuSPerGiB: orNull(ratio(splicer.cpuSPerGiB, f.cpuSPerGiB)),
+                    machineCpuSPerGiB: orNull(ratio(splicer.machineCpuSPerGiB, f.machineCpuSPerGiB)),
+                  }
+                : null;
+            };
+            for (const other of ['haproxy', 'socat', 'node']) keyRatios[`${variant}/${other}`] = against(other);
+            keyRatios[`${variant}/direct`] = medians.direct ? { gbps: orNull(ratio(splicer.gbps, medians.direct[key]!.gbps)) } : null;
+          }
+          ratios[key] = keyRatios;
         }
         result.throughput = roundDeep(throughput);
         result.throughputRatios = roundDeep(ratios);
@@ -1057,18 +1091,23 @@ export async function run(options: BenchOptions): Promise<Record<string, unknown
   return result;
 }
 
-type Ratios = Record<string, Record<string, { gbps: number | null; relayCpuSPerGiB?: number | null } | null>>;
+type Ratios = Record<string, Record<string, { gbps: number | null; relayCpuSPerGiB?: number | null; machineCpuSPerGiB?: number | null } | null>>;
 
 function goals(result: Record<string, unknown>): Goal[] {
   const list: Goal[] = [];
   const ratios = result.throughputRatios as Ratios | undefined;
   if (ratios) {
-    for (const key of Object.keys(ratios)) {
-      const label = key.replace('streams', '') === '1' ? '1 stream' : `${key.replace('streams', '')} streams`;
-      list.push(goal(`throughput >= HAProxy (splice), ${label}: Splicer/HAProxy Gbit/s`, ratios[key]!['splicer/haproxy']?.gbps ?? null, 1, true));
-      list.push(goal(`throughput >= 1.5x socat, ${label}: Splicer/socat Gbit/s`, ratios[key]!['splicer/socat']?.gbps ?? null, 1.5, true));
-      list.push(goal(`throughput >= 1.5x naive Node relay, ${label}: Splicer/node Gbit/s`, ratios[key]!['splicer/node']?.gbps ?? null, 1.5, true));
-      list.push(goal(`relay CPU per GiB < HAProxy's, ${label}: Splicer/HAProxy CPU s per GiB (below 1)`, ratios[key]!['splicer/haproxy']?.relayCpuSPerGiB ?? null, 1, false));
+    const variants = [...new Set(Object.values(ratios).flatMap((keyRatios) => Object.keys(keyRatios).map((name) => name.split('/')[0]!)))];
+    for (const variant of variants) {
+      const who = variant === 'splicer' ? 'Splicer' : `Splicer --pipe-size ${variant.slice('splicer-pipe-'.length)}`;
+      for (const key of Object.keys(ratios)) {
+        const label = key.replace('streams', '') === '1' ? '1 stream' : `${key.replace('streams', '')} streams`;
+        const r = ratios[key]!;
+        list.push(goal(`throughput >= HAProxy (splice), ${label}: ${who}/HAProxy Gbit/s`, r[`${variant}/haproxy`]?.gbps ?? null, 1, true));
+        list.push(goal(`throughput >= 1.5x socat, ${label}: ${who}/socat Gbit/s`, r[`${variant}/socat`]?.gbps ?? null, 1.5, true));
+        list.push(goal(`throughput >= 1.5x naive Node relay, ${label}: ${who}/node Gbit/s`, r[`${variant}/node`]?.gbps ?? null, 1.5, true));
+        list.push(goal(`relay CPU per GiB < HAProxy's, ${label}: ${who}/HAProxy relay CPU s per GiB (below 1)`, r[`${variant}/haproxy`]?.relayCpuSPerGiB ?? null, 1, false));
+      }
     }
   }
   const setup = result.setup as { ratios: { 'splicer/pipe': { connectionsPerS: number } } } | undefined;
@@ -1109,17 +1148,21 @@ export function formatTable(result: Record<string, unknown>): string {
       rows.push([`${label}: relay CPU s/GiB`, ...systems.map((s) => num(throughput[key]![s]!.relayCpuSPerGiB, 3))]);
       rows.push([`${label}:   user / sys`, ...systems.map((s) => (throughput[key]![s]!.relayCpuSPerGiB === null ? '-' : `${num(throughput[key]![s]!.relayUserSPerGiB, 3)}/${num(throughput[key]![s]!.relaySysSPerGiB, 3)}`))]);
       rows.push([`${label}: relay ctx switches/GiB`, ...systems.map((s) => num(throughput[key]![s]!.relayContextSwitchesPerGiB, 0))]);
+      rows.push([`${label}: machine CPU s/GiB`, ...systems.map((s) => num(throughput[key]![s]!.machineCpuSPerGiB, 3))]);
     }
     out.push('', textTable(rows));
     const ratios = result.throughputRatios as Ratios;
-    const ratioRows: string[][] = [['Splicer / ...', 'haproxy', 'socat', 'node']];
-    for (const key of keys) {
-      const label = key === 'streams1' ? '1 stream' : `${key.replace('streams', '')} streams`;
-      const r = ratios[key]!;
-      ratioRows.push([`${label}: Gbit/s`, ...['haproxy', 'socat', 'node'].map((o) => num(r[`splicer/${o}`]?.gbps, 2))]);
-      ratioRows.push([`${label}: CPU s/GiB`, ...['haproxy', 'socat', 'node'].map((o) => num(r[`splicer/${o}`]?.relayCpuSPerGiB, 2))]);
+    for (const variant of systems.filter((system) => system.startsWith('splicer'))) {
+      const ratioRows: string[][] = [[`${variant} / ...`, 'haproxy', 'socat', 'node']];
+      for (const key of keys) {
+        const label = key === 'streams1' ? '1 stream' : `${key.replace('streams', '')} streams`;
+        const r = ratios[key]!;
+        ratioRows.push([`${label}: Gbit/s`, ...['haproxy', 'socat', 'node'].map((o) => num(r[`${variant}/${o}`]?.gbps, 2))]);
+        ratioRows.push([`${label}: relay CPU s/GiB`, ...['haproxy', 'socat', 'node'].map((o) => num(r[`${variant}/${o}`]?.relayCpuSPerGiB, 2))]);
+        ratioRows.push([`${label}: machine CPU s/GiB`, ...['haproxy', 'socat', 'node'].map((o) => num(r[`${variant}/${o}`]?.machineCpuSPerGiB, 2))]);
+      }
+      out.push('', textTable(ratioRows));
     }
-    out.push('', textTable(ratioRows));
   }
   const setup = result.setup as Record<string, SetupFigures> | undefined;
   if (setup) {

@@ -166,6 +166,8 @@ export interface NativeBinding {
 
   /** `fcntl(F_DUPFD_CLOEXEC)`. */
   dup(fd: number): number;
+  /** Grows the fd table to hold `count` fds now (it never shrinks); false when the fd limit forbids it. */
+  reserveFdTable(count: number): boolean;
   /** `close(2)`; throws on EBADF. */
   close(fd: number): void;
   /** Closes each fd, ignoring errors: for cleanup paths that must not throw. */

@@ -28,6 +28,25 @@ int FdArgument(const Napi::CallbackInfo& info, size_t index) {
 
 namespace {
 
+// reserveFdTable(count): makes the kernel grow this process's fd table to hold `count` fds now, by
+// duplicating onto fd count-1 and closing it again. The table never shrinks, and growing it later, in a
+// multi-threaded process, costs milliseconds per doubling at the worst moment (a successor receiving
+// thousands of fds while every relay is paused). Returns false when the limit does not allow it.
+Napi::Value ReserveFdTable(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsNumber()) throw Napi::TypeError::New(env, "reserveFdTable(count)");
+  int count = info[0].As<Napi::Number>().Int32Value();
+  if (count <= 3) return Napi::Boolean::New(env, true);
+  int fd = fcntl(0, F_DUPFD_CLOEXEC, count - 1);
+  if (fd < 0) {
+    // stdin may be closed: any open fd will do.
+    fd = fcntl(STDOUT_FILENO, F_DUPFD_CLOEXEC, count - 1);
+  }
+  if (fd < 0) return Napi::Boolean::New(env, false);
+  ::close(fd);
+  return Napi::Boolean::New(env, true);
+}
+
 Napi::Value Dup(const Napi::CallbackInfo& info) {
   int fd = FdArgument(info, 0);
   int copy = DupCloexec(fd);
@@ -116,6 +135,7 @@ void SetNonblocking(const Napi::CallbackInfo& info) {
 
 void InitFd(Napi::Env env, Napi::Object exports) {
   exports.Set("dup", Napi::Function::New(env, Dup, "dup"));
+  exports.Set("reserveFdTable", Napi::Function::New(env, ReserveFdTable, "reserveFdTable"));
   exports.Set("close", Napi::Function::New(env, Close, "close"));
   exports.Set("closeAll", Napi::Function::New(env, CloseAll, "closeAll"));
   exports.Set("describeFd", Napi::Function::New(env, DescribeFd, "describeFd"));

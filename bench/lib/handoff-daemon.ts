@@ -24,7 +24,35 @@ import { LineReader, sleep, waitForFile } from './splicer-tools.js';
 
 /** Every daemon pid this benchmark ever started or learned of; the exit hook kills the live ones. */
 const knownPids = new Set<number>();
+/** Socket paths of the daemons not yet stopped (unique per run: they name this process and a time). */
+const liveSockets = new Set<string>();
 let exitHookInstalled = false;
+
+/**
+ * Pids of processes started with `--socket <socket>` for one of `sockets`. Only for the exit hook: a
+ * successor that has taken over but whose report has not arrived yet (the benchmark was interrupted in
+ * the middle of a hand-over) is known by nothing else. The path is unique to one run of this process.
+ */
+function pidsServing(sockets: ReadonlySet<string>): number[] {
+  const found: number[] = [];
+  let entries: string[] = [];
+  try {
+    entries = fs.readdirSync('/proc');
+  } catch {
+    return found;
+  }
+  for (const entry of entries) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const argv = fs.readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
+      const at = argv.indexOf('--socket');
+      if (at >= 0 && sockets.has(argv[at + 1] ?? '')) found.push(Number(entry));
+    } catch {
+      // gone meanwhile, or not ours to read
+    }
+  }
+  return found;
+}
 
 function installExitHook(): void {
   if (exitHookInstalled) return;
@@ -32,6 +60,7 @@ function installExitHook(): void {
   // bench/lib/process.ts turns SIGINT/SIGTERM into process.exit(), so this runs on those too.
   process.on('exit', () => {
     for (const pid of knownPids) signal(pid, 'SIGKILL');
+    if (liveSockets.size) for (const pid of pidsServing(liveSockets)) signal(pid, 'SIGKILL');
   });
 }
 
@@ -112,6 +141,8 @@ export function daemonFlags(maxPipes: number, maxTasks: number): string[] {
 export class DaemonGenerations {
   readonly socket: string;
   readonly pids: number[] = [];
+  /** Successors of failed reloads (the predecessor kills them itself; stop() makes sure). */
+  readonly #rejected: number[] = [];
   readonly #first: ChildProcess;
   readonly #control: RpcClient;
 
@@ -129,11 +160,22 @@ export class DaemonGenerations {
   static async start(dir: string, binding: NativeBinding, maxPipes: number, maxTasks: number): Promise<DaemonGenerations> {
     installExitHook();
     const socket = path.join(dir, `splicer-${process.pid}-${Date.now()}.sock`);
+    liveSockets.add(socket);
     const child = spawnTs('services/cli.ts', ['splicer', '--socket', socket, ...daemonFlags(maxPipes, maxTasks)]);
     const daemon = new DaemonGenerations(child, socket, binding);
     try {
       await waitForFile(socket, child);
-      await daemon.#control.connect();
+      // The socket file exists from bind(); until listen() a connection is refused. Try again a while.
+      const deadline = Date.now() + 10_000;
+      for (;;) {
+        try {
+          await daemon.#control.connect();
+          break;
+        } catch (error) {
+          if ((error as NodeJS.ErrnoException).code !== 'ECONNREFUSED' || Date.now() > deadline || child.exitCode !== null) throw error;
+          await sleep(20);
+        }
+      }
     } catch (error) {
       await daemon.stop();
       throw error;
@@ -161,7 +203,7 @@ export class DaemonGenerations {
     const report = reply.result as unknown as HandoffReport;
     if (report.newPid) {
       knownPids.add(report.newPid);
-      if (report.ok) this.pids.push(report.newPid);
+      (report.ok ? this.pids : this.#rejected).push(report.newPid);
     }
     return report;
   }
@@ -172,7 +214,7 @@ export class DaemonGenerations {
    */
   async stop(graceMs = 3_000): Promise<void> {
     this.#control.close();
-    const all = [...new Set([this.#first.pid!, ...this.pids])];
+    const all = [...new Set([this.#first.pid!, ...this.pids, ...this.#rejected])];
     const current = this.current;
     if (current === this.#first.pid) {
       await stopChild(this.#first, graceMs);
@@ -187,6 +229,7 @@ export class DaemonGenerations {
       if (!(await waitGone(pid, 5_000))) throw new Error(`daemon pid ${pid} is still there after SIGKILL`);
       knownPids.delete(pid);
     }
+    liveSockets.delete(this.socket);
     // The first generation is our child: let Node reap it. Its stdout (which every generation shared) is
     // at its end now; close our side at once rather than whenever the end is read.
     if (this.#first.exitCode === null && this.#first.signalCode === null) await stopChild(this.#first, 0);

@@ -37,12 +37,12 @@ function versionLine(tool: ToolName, file: string): string {
 
 /**
  * Finds iperf3, socat and HAProxy, installing the missing ones from Debian's packages when running as
- * root (scripts/ensure-bench-tools.mjs, which says on stderr what it installs). Never throws: what cannot
- * be had is listed in `missing`.
+ * root unless `install` is false (scripts/ensure-bench-tools.mjs, which says on stderr what it installs).
+ * Never throws: what cannot be had is listed in `missing`.
  */
-export function ensureTools(progress: (line: string) => void): ToolsReport {
+export function ensureTools(progress: (line: string) => void, options: { install?: boolean } = {}): ToolsReport {
   const script = path.join(projectRoot, 'scripts', 'ensure-bench-tools.mjs');
-  const result = spawnSync(process.execPath, [script, '--json', ...TOOL_NAMES], {
+  const result = spawnSync(process.execPath, [script, '--json', ...(options.install === false ? ['--no-install'] : []), ...TOOL_NAMES], {
     cwd: projectRoot,
     encoding: 'utf8',
     stdio: ['ignore', 'pipe', 'inherit'],
@@ -395,6 +395,16 @@ export function contextSwitches(pid: number): number {
     }
   }
   return total;
+}
+
+/**
+ * CPU seconds the whole machine has been busy, all CPUs together (/proc/stat: user + nice + system + irq +
+ * softirq; not idle, iowait or steal).
+ */
+export function machineBusySeconds(): number {
+  const line = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0]!;
+  const [, user, nice, system, , , irq, softirq] = line.trim().split(/\s+/).map(Number);
+  return (user! + nice! + system! + irq! + softirq!) / ticksPerSecond();
 }
 
 /** A field of /proc/<pid>/status in bytes (`VmRSS`, `VmHWM`...), or NaN. */

@@ -17,6 +17,7 @@ import { HandoffError, Inbox, sendEvent } from './channel-inbox.js';
 import type { HandoffParticipant } from './participant.js';
 import { spawnSuccessor, type HandoffFault } from './spawn.js';
 import { STATE_FORMAT, writeStateMemfd } from './state-file.js';
+import { openFileCount } from '../limits.js';
 
 /** Whether a process no longer runs: it does not exist, or it is a zombie (state Z in /proc/<pid>/stat). */
 function gone(pid: number): boolean {
@@ -141,7 +142,7 @@ export class Predecessor {
     log.info({ fault: fault ?? undefined }, 'hand-over: starting the successor');
     try {
       try {
-        await spawnSuccessor(theirs, generation + 1, fault);
+        await spawnSuccessor(theirs, generation + 1, fault, openFileCount());
       } catch (error) {
         throw new HandoffError('spawn', 'SPAWN', (error as Error).message);
       } finally {

@@ -16,6 +16,7 @@ export const HANDOFF_ENV = {
   parent: 'FDFERRY_HANDOFF_PARENT',
   generation: 'FDFERRY_GENERATION',
   fault: 'FDFERRY_HANDOFF_FAULT',
+  fds: 'FDFERRY_HANDOFF_FDS',
 } as const;
 
 /** The fd number the successor finds its hand-over socket on. */
@@ -27,8 +28,10 @@ export const HANDOFF_FAULTS = ['crash-before-hello', 'hang-before-hello', 'crash
 export type HandoffFault = (typeof HANDOFF_FAULTS)[number];
 
 /** Starts the successor with `channelFd` as its fd 3; resolves once the launcher has exited. */
-export async function spawnSuccessor(channelFd: number, generation: number, fault: HandoffFault | null): Promise<void> {
+export async function spawnSuccessor(channelFd: number, generation: number, fault: HandoffFault | null, expectedFds = 0): Promise<void> {
   const env: NodeJS.ProcessEnv = { ...process.env };
+  // How many fds are coming, so the successor can size its fd table before the pause (see successor.ts).
+  env[HANDOFF_ENV.fds] = String(expectedFds);
   env[HANDOFF_ENV.fd] = String(HANDOFF_FD);
   env[HANDOFF_ENV.parent] = String(process.pid);
   env[HANDOFF_ENV.generation] = String(generation);

@@ -25,6 +25,8 @@ export interface SuccessorEnvironment {
   parentPid: number;
   generation: number;
   fault: HandoffFault | null;
+  /** About how many fds the predecessor will send. */
+  expectedFds: number;
 }
 
 /** Reads (and removes, so our own successors start clean) the hand-over variables; null for a normal start. */
@@ -33,6 +35,7 @@ export function takeSuccessorEnvironment(env: NodeJS.ProcessEnv = process.env): 
   const parentPid = Number(env[HANDOFF_ENV.parent]);
   const generation = Number(env[HANDOFF_ENV.generation]);
   const fault = env[HANDOFF_ENV.fault] as HandoffFault | undefined;
+  const expectedFds = Number(env[HANDOFF_ENV.fds]);
   for (const name of Object.values(HANDOFF_ENV)) delete env[name];
   if (!Number.isInteger(fd) || fd < 0 || !Number.isInteger(parentPid) || parentPid <= 0) return null;
   return {
@@ -40,6 +43,7 @@ export function takeSuccessorEnvironment(env: NodeJS.ProcessEnv = process.env): 
     parentPid,
     generation: Number.isInteger(generation) && generation > 0 ? generation : 2,
     fault: fault && (HANDOFF_FAULTS as readonly string[]).includes(fault) ? fault : null,
+    expectedFds: Number.isInteger(expectedFds) && expectedFds > 0 ? expectedFds : 0,
   };
 }
 
@@ -72,6 +76,9 @@ export class Successor {
     this.#channel = new Channel(environment.fd, binding);
     this.#inbox = new Inbox(this.#channel, binding);
     sendEvent(this.#channel, 'pid', { pid: process.pid });
+    // Grow the fd table now, while nothing is paused: growing it as thousands of fds arrive, in a
+    // multi-threaded process, costs milliseconds per doubling inside the pause every relay sees.
+    if (environment.expectedFds > 0) binding.reserveFdTable(environment.expectedFds + 1024);
     // If the predecessor goes away before commit it has rolled back (or died): nothing here is ours to keep.
     this.#channel.on('close', () => {
       if (!this.#committed) {

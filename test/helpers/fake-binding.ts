@@ -281,6 +281,10 @@ export class FakeBinding implements NativeBinding {
 
   setNonblocking(): void {}
 
+  reserveFdTable(): boolean {
+    return true;
+  }
+
   datagramSocket(): never {
     throw new Error('the fake binding has no datagram sockets');
   }
