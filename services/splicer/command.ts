@@ -8,9 +8,7 @@ import { SplicerService, type SplicerOptions } from './service.js';
 export function splicerOptions<T>(yargs: Argv<T>) {
   return withCommonOptions(yargs, 'splicer')
     .option('threads', { type: 'number', default: 1, describe: 'splice engine threads', group: 'Engine:' })
-    // 1 MiB measured best (docs/benchmarks.md): fewer, larger TCP sends per GiB. An unprivileged user over
-    // pipe-user-pages-soft gets smaller pipes instead, which still work and show in the status.
-    .option('pipe-size', { type: 'number', default: 1024 * 1024, describe: 'pipe size to ask for (F_SETPIPE_SZ); smaller is used when refused', group: 'Engine:' })
+    .option('pipe-size', { type: 'number', default: 256 * 1024, describe: 'pipe size to ask for (F_SETPIPE_SZ); smaller is used when refused', group: 'Engine:' })
     .option('max-pipes', { type: 'number', default: 1024, describe: 'pipes borrowed at once (2 fds each); only relays with bytes in flight hold one', group: 'Engine:' })
     .option('max-idle-pipes', { type: 'number', default: 64, describe: 'empty pipes kept for reuse', group: 'Engine:' })
     .option('max-tasks', { type: 'number', default: 8000, describe: 'relays at once (each holds 2 fds)', group: 'Limits:' })
@@ -40,7 +38,7 @@ export function splicerOptionsFrom(argv: SplicerArgv): SplicerOptions {
   return {
     engine: {
       threads: positive('threads', argv.threads, 1),
-      pipeSize: positive('pipe-size', argv.pipeSize, 1024 * 1024),
+      pipeSize: positive('pipe-size', argv.pipeSize, 262144),
       maxPipes: positive('max-pipes', argv.maxPipes, 1024),
       maxIdlePipes: nonNegative('max-idle-pipes', argv.maxIdlePipes),
     },
