@@ -11,6 +11,7 @@ import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { loadNative } from '../lib/native.js';
+import { isRunning } from '../lib/process.js';
 import { RpcClient } from '../lib/rpc/client.js';
 
 /** The daemons that exist so far, in start order. */
@@ -21,15 +22,6 @@ export interface UpOptions {
   runDir: string;
   logLevel: string;
 }
-
-const alive = (pid: number): boolean => {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-};
 
 /** Asks a daemon for its pid (the live generation's), or null if it does not answer. */
 async function livePid(socket: string): Promise<number | null> {
@@ -61,7 +53,7 @@ export function runUp(options: UpOptions): Promise<number> {
       void livePid(sockets.get(service)!).then((pid) => {
         checking.delete(service);
         if (pids.get(service) !== gone) return finishIfDone();
-        if (pid && pid !== gone && alive(pid)) {
+        if (pid && pid !== gone && isRunning(pid)) {
           pids.set(service, pid);
           if (stopping) process.kill(pid, 'SIGTERM');
         } else if (stopping) {
@@ -75,7 +67,7 @@ export function runUp(options: UpOptions): Promise<number> {
     const watch = setInterval(() => {
       // Successors are not our children: their end shows only as their pid going away, and a generation that
       // was told to stop in the middle of a hand-over may leave a successor behind, which must stop too.
-      for (const [service, pid] of pids) if (!alive(pid)) follow(service, pid);
+      for (const [service, pid] of pids) if (!isRunning(pid)) follow(service, pid);
     }, 500);
     const finishIfDone = () => {
       if (pids.size > 0 || checking.size > 0) return;
@@ -90,7 +82,7 @@ export function runUp(options: UpOptions): Promise<number> {
       console.error(`fdferry up: ${reason}; stopping ${[...pids.keys()].join(', ') || 'nothing'}`);
       // A pid that is already gone may have handed over just now: its successor is asked for and stopped too.
       for (const [service, pid] of pids) {
-        if (alive(pid)) process.kill(pid, 'SIGTERM');
+        if (isRunning(pid)) process.kill(pid, 'SIGTERM');
         else follow(service, pid);
       }
       finishIfDone();

@@ -6,7 +6,6 @@
  * accepts and reads again, systemd hears `READY=1` with the reason in `STATUS=`. After commit the
  * successor owns everything and this process only waits for "done" before it exits.
  */
-import fs from 'node:fs';
 import type { Logger } from 'pino';
 import type { NativeBinding } from '../native.js';
 import { MAX_FDS_PER_MESSAGE } from '../protocol/frame.js';
@@ -18,17 +17,7 @@ import type { HandoffParticipant } from './participant.js';
 import { spawnSuccessor, type HandoffFault } from './spawn.js';
 import { STATE_FORMAT, writeStateMemfd } from './state-file.js';
 import { openFileCount } from '../limits.js';
-
-/** Whether a process no longer runs: it does not exist, or it is a zombie (state Z in /proc/<pid>/stat). */
-function gone(pid: number): boolean {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    // The state follows the command name, which is in parentheses and may itself contain spaces.
-    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) === 'Z';
-  } catch {
-    return true;
-  }
-}
+import { isRunning } from '../process.js';
 
 /** Time budgets of the phases; each is also bounded by what is left of the whole deadline. */
 export const PHASE_BUDGET_MS = { pid: 3_000, hello: 5_000, pause: 2_000, validate: 5_000, done: 5_000 } as const;
@@ -268,7 +257,7 @@ export class Predecessor {
       return;
     }
     const deadline = Date.now() + 2_000;
-    while (Date.now() < deadline && !gone(successorPid)) await new Promise((resolve) => setTimeout(resolve, 2));
+    while (Date.now() < deadline && isRunning(successorPid)) await new Promise((resolve) => setTimeout(resolve, 2));
   }
 
   async #rollBack(successorPid: number | null, paused: boolean): Promise<void> {

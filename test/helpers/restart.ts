@@ -5,8 +5,10 @@
  */
 import { execFile } from 'node:child_process';
 import crypto from 'node:crypto';
+import fs from 'node:fs';
 import type net from 'node:net';
 import type { Test } from 'tap';
+import { isRunning } from '../../lib/process.js';
 import { cliCommand } from './daemon.js';
 
 /** The report `fdferry ctl <service> reload --json` prints. */
@@ -31,11 +33,15 @@ export function reload(service: string, socket: string, fault?: string): Promise
   });
 }
 
-/** Whether a process exists. */
-export function alive(pid: number): boolean {
+/** Whether a process runs (a zombie does not: successors are reaped by init, late). */
+export const alive = isRunning;
+
+/** Whether `pid` is a Splicer daemon on `socket` (a successor runs the same command line as its predecessor). */
+export function isDaemonOn(pid: number, socket: string): boolean {
   try {
-    process.kill(pid, 0);
-    return true;
+    const argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+    const cli = argv.findIndex((arg) => arg.endsWith('cli.ts') || arg.endsWith('cli.js'));
+    return cli >= 0 && argv[cli + 1] === 'splicer' && argv.includes(socket);
   } catch {
     return false;
   }

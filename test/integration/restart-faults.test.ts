@@ -4,6 +4,7 @@
 // unless the daemon allows it, a second reload during one is answered busy, and SIGTERM in the middle of a
 // hand-over rolls it back and then stops cleanly.
 import t from 'tap';
+import { isRunning } from '../../lib/process.js';
 import type { Test } from 'tap';
 import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
@@ -15,7 +16,7 @@ import { loadNative } from '../../lib/native.js';
 import { RpcClient } from '../../lib/rpc/client.js';
 import { cliCommand, startDaemon, type TestDaemon } from '../helpers/daemon.js';
 import { eventually, withDeadline } from '../helpers/native-helpers.js';
-import { streamForever } from '../helpers/restart.js';
+import { isDaemonOn, streamForever } from '../helpers/restart.js';
 import { PairFactory, receiveAll, type PairKind } from '../helpers/streams.js';
 
 t.setTimeout(120_000);
@@ -42,34 +43,13 @@ const EXPECTED: Record<HandoffFault, { phase: RegExp; code: string }> = {
 
 // ---- processes -------------------------------------------------------------------------------------------
 
-/** Whether a process exists and is not a zombie. */
-function running(pid: number): boolean {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
-  } catch {
-    return false;
-  }
-}
-
-/** Whether `pid` is a Splicer daemon on `socket` (a successor runs the same command line as its predecessor). */
-function isDaemonOn(pid: number, socket: string): boolean {
-  try {
-    const argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
-    const cli = argv.findIndex((arg) => arg.endsWith('cli.ts') || arg.endsWith('cli.js'));
-    return cli >= 0 && argv[cli + 1] === 'splicer' && argv.includes(socket);
-  } catch {
-    return false;
-  }
-}
-
 /** Every live daemon process on `socket` (a check that nothing was left behind; never used to pick what to kill). */
 function daemonsOn(socket: string): number[] {
   return fs
     .readdirSync('/proc')
     .filter((name) => /^\d+$/.test(name))
     .map(Number)
-    .filter((pid) => isDaemonOn(pid, socket) && running(pid));
+    .filter((pid) => isDaemonOn(pid, socket) && isRunning(pid));
 }
 
 /** Pids that wrote log lines on the daemon's stdout (successors inherit it). */
@@ -82,7 +62,7 @@ class Started {
     this.pids.add(daemon.pid);
     t.teardown(() => {
       for (const pid of new Set([...this.pids, ...logPids(daemon)])) {
-        if (running(pid) && isDaemonOn(pid, daemon.socket)) process.kill(pid, 'SIGKILL');
+        if (isRunning(pid) && isDaemonOn(pid, daemon.socket)) process.kill(pid, 'SIGKILL');
       }
     });
   }
@@ -267,8 +247,8 @@ t.test('every injected fault rolls back: same pid, every relay carries on intact
 
       t.ok(successor, `the successor's pid is known (${String(successor)})`);
       if (report?.newPid) t.ok(newLogPids.includes(report.newPid), 'the reported successor is the process that logged');
-      t.ok(successor && (await eventually(() => !running(successor), 5_000)), `the successor ${String(successor)} is gone`);
-      t.ok(running(daemon.pid), `the old process ${daemon.pid} is still running`);
+      t.ok(successor && (await eventually(() => !isRunning(successor), 5_000)), `the successor ${String(successor)} is gone`);
+      t.ok(isRunning(daemon.pid), `the old process ${daemon.pid} is still running`);
       const after = await status(daemon.socket).catch((error: Error) => ({ error: error.message }));
       const same = t.match(after, { pid: daemon.pid, generation: 1, tasks: RELAYS, handoffInProgress: false }, 'it answers status: same pid, same generation, every relay, no hand-over');
       const moving = t.ok(await progressed(relays, 256 * 1024), 'every relay carries on after the rollback');
@@ -286,7 +266,7 @@ t.test('every injected fault rolls back: same pid, every relay carries on intact
   t.equal(plain.exitCode, 0, 'a later plain reload exits 0');
   t.match(plain.report, { ok: true, oldPid: daemon.pid, tasks: RELAYS }, `and hands every relay over (pid ${daemon.pid} -> ${String(plain.report?.newPid)})`);
   const next = plain.report?.newPid;
-  t.ok(next && running(next), 'the new successor runs');
+  t.ok(next && isRunning(next), 'the new successor runs');
   t.equal(await withDeadline(daemon.exited, 10_000, 'the old process to exit').catch(() => 'still running'), 0, 'the old process exits 0');
   t.ok(await progressed(relays, 256 * 1024), 'every relay carries on in the new process');
 
@@ -330,7 +310,7 @@ t.test('a second reload while one is in progress is answered busy', async (t) =>
   const successorLine = await daemon.waitForLog((line) => Number(line.pid) !== daemon.pid, 10_000);
   const successor = Number(successorLine.pid);
   started.add(successor);
-  t.ok(running(successor), `the hanging successor ${successor} runs`);
+  t.ok(isRunning(successor), `the hanging successor ${successor} runs`);
 
   const second = await ctl(t, daemon.socket, ['reload']);
   t.not(second.exitCode, 0, 'a second reload exits non-zero');
@@ -343,8 +323,8 @@ t.test('a second reload while one is in progress is answered busy', async (t) =>
   const rolledBack = await daemon.waitForLog((line) => typeof line.msg === 'string' && line.msg.startsWith('hand-over failed in'), HANDOFF_TIMEOUT_MS + 5_000);
   const report = rolledBack.report as HandoffReport;
   t.match(report, { ok: false, newPid: successor, failure: { phase: 'hello', code: 'TIMEOUT' } }, 'the first hand-over times out in hello and rolls back');
-  t.ok(await eventually(() => !running(successor), 5_000), 'its successor is gone');
-  t.ok(running(daemon.pid), 'the old process runs on');
+  t.ok(await eventually(() => !isRunning(successor), 5_000), 'its successor is gone');
+  t.ok(isRunning(daemon.pid), 'the old process runs on');
 
   const plain = await rpc(daemon.socket, 'reload', { wait: true });
   const next = plain.result?.newPid as number | undefined;
@@ -392,6 +372,6 @@ t.test('SIGTERM during a hand-over: rollback, then a clean stop with every envel
   const reload = await reloading;
   t.not(reload.exitCode, 0, 'the interrupted reload exits non-zero');
   if (reload.report) t.equal(reload.report.ok, false, `its report says ok: false (${JSON.stringify(reload.report.failure)})`);
-  t.ok(await eventually(() => !running(successor), 5_000), `the successor ${successor} is gone`);
+  t.ok(await eventually(() => !isRunning(successor), 5_000), `the successor ${successor} is gone`);
   t.same(daemonsOn(daemon.socket), [], 'no daemon process is left');
 });

@@ -4,9 +4,10 @@
 // READY=1, then BARRIER=1 with exactly one fd — and that the old process waits for the barrier before it exits.
 // A failed hand-over must end the reload with READY=1 and a STATUS= saying the upgrade failed.
 import t from 'tap';
+import { isRunning } from '../../lib/process.js';
+import { isDaemonOn } from '../helpers/restart.js';
 import type { Test } from 'tap';
 import { spawn } from 'node:child_process';
-import fs from 'node:fs';
 import path from 'node:path';
 import type { HandoffReport } from '../../lib/handoff/predecessor.js';
 import { loadNative } from '../../lib/native.js';
@@ -51,32 +52,11 @@ function notifySocket(t: Test, dir: string, onMessage?: (message: Notification) 
   return { address, received, faults };
 }
 
-/** Whether a process exists and is not a zombie. */
-function running(pid: number): boolean {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
-  } catch {
-    return false;
-  }
-}
-
-/** Whether `pid` is a Splicer daemon on `socket`. */
-function isDaemonOn(pid: number, socket: string): boolean {
-  try {
-    const argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
-    const cli = argv.findIndex((arg) => arg.endsWith('cli.ts') || arg.endsWith('cli.js'));
-    return cli >= 0 && argv[cli + 1] === 'splicer' && argv.includes(socket);
-  } catch {
-    return false;
-  }
-}
-
 /** At teardown, SIGKILLs every process that logged on the daemon's stdout (successors) and still runs it. */
 function killSuccessorsAtTeardown(t: Test, daemon: TestDaemon, extra: () => Array<number | null | undefined>) {
   t.teardown(() => {
     const pids = new Set([...daemon.logs.map((line) => Number(line.pid)), ...extra()]);
-    for (const pid of pids) if (pid && running(pid) && isDaemonOn(pid, daemon.socket)) process.kill(pid, 'SIGKILL');
+    for (const pid of pids) if (pid && isRunning(pid) && isDaemonOn(pid, daemon.socket)) process.kill(pid, 'SIGKILL');
   });
 }
 
@@ -116,7 +96,7 @@ t.test('start and a successful reload: READY; then RELOADING, MAINPID + READY, B
     barrier.fds = message.fds.length;
     // Play a slow service manager: hold the barrier fd, then close it (that is the answer).
     setTimeout(() => {
-      barrier.oldAliveWhileHeld = running(oldPid);
+      barrier.oldAliveWhileHeld = isRunning(oldPid);
       binding.closeAll(message.fds);
       message.fds = [];
       barrier.closedAt = Date.now();
@@ -167,7 +147,7 @@ t.test('start and a successful reload: READY; then RELOADING, MAINPID + READY, B
   t.ok(barrier.closedAt && exitedAt >= barrier.closedAt, `it exited after the barrier fd was closed (${exitedAt - (barrier.closedAt ?? 0)} ms after)`);
   t.ok(barrier.closedAt && result.at >= barrier.closedAt, `the reload report arrived after the barrier fd was closed (${result.at - (barrier.closedAt ?? 0)} ms after)`);
   t.ok(barrier.heldFrom && barrier.closedAt && barrier.closedAt - barrier.heldFrom >= BARRIER_HOLD_MS - 5, 'the barrier was held for the whole delay');
-  t.ok(newPid && running(newPid), 'the successor serves');
+  t.ok(newPid && isRunning(newPid), 'the successor serves');
 });
 
 t.test('a failed reload: RELOADING, then READY with STATUS=upgrade failed, and no MAINPID', async (t) => {
@@ -193,6 +173,6 @@ t.test('a failed reload: RELOADING, then READY with STATUS=upgrade failed, and n
   t.match(messages[1]?.fields.STATUS ?? '', /upgrade failed/, `with STATUS= saying so: ${String(messages[1]?.fields.STATUS)}`);
   t.match(messages[1]?.fields.STATUS ?? '', /validate.*EFDFERRY_STATE/, 'naming the phase and code');
   t.notOk(messages.some((m) => m.fields.MAINPID !== undefined || m.fields.BARRIER !== undefined), 'the refused successor never announced itself');
-  t.ok(successor && (await eventually(() => !running(successor!), 5_000)), `the successor ${String(successor)} is gone`);
-  t.ok(running(daemon.pid), 'the old process serves on');
+  t.ok(successor && (await eventually(() => !isRunning(successor!), 5_000)), `the successor ${String(successor)} is gone`);
+  t.ok(isRunning(daemon.pid), 'the old process serves on');
 });
