@@ -12,10 +12,13 @@
             "native/errors.cc",
             "native/fd.cc",
             "native/memfd.cc",
+            "native/netns.cc",
             "native/notify.cc",
+            "native/onramp.cc",
             "native/seqpacket.cc",
             "native/splice_engine.cc",
             "native/tcp_info.cc",
+            "native/upgrade_pump.cc",
           ],
         }],
         ["OS!='linux'", {

@@ -8,9 +8,11 @@
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
+import type { BumblebeeBinding } from './native-bumblebee.js';
 import type { CompletionCallback, SpliceEngine, SpliceEngineOptions } from './native-splice.js';
 
 export type * from './native-splice.js';
+export type * from './native-bumblebee.js';
 
 /** Credentials of the process at the other end of a connected AF_UNIX socket (`SO_PEERCRED`). */
 export interface PeerCredentials {
@@ -143,7 +145,7 @@ export interface SeqpacketListener {
 }
 
 /** Everything fdferry needs from native code. */
-export interface NativeBinding {
+export interface NativeBinding extends BumblebeeBinding {
   /** Creates, binds and listens on a SOCK_SEQPACKET socket (nonblocking, close-on-exec). A leading NUL means abstract. */
   seqpacketListen(path: string, backlog: number): number;
   /** Connects a new SOCK_SEQPACKET socket (nonblocking, close-on-exec) to `path`. */

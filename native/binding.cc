@@ -10,10 +10,13 @@
 #include "errors.h"
 #include "fd.h"
 #include "memfd.h"
+#include "netns.h"
 #include "notify.h"
+#include "onramp.h"
 #include "seqpacket.h"
 #include "splice_engine.h"
 #include "tcp_info.h"
+#include "upgrade_pump.h"
 
 namespace fdferry {
 
@@ -27,6 +30,9 @@ Fdferry::Fdferry(Napi::Env env, Napi::Object exports) : receive_buffer_(new char
   InitNotify(env, exports);
   InitSeqpacket(env, exports, *this);
   InitSpliceEngine(env, exports, *this);
+  InitNetns(env, exports);
+  InitUpgradePump(env, exports, *this);
+  InitOnRamp(env, exports, *this);
   exports.Set("constants", MakeConstants(env));
   DefineAddon(exports, {});
 

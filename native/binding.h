@@ -62,6 +62,8 @@ class Fdferry : public Napi::Addon<Fdferry> {
   Napi::FunctionReference socketClass;
   Napi::FunctionReference listenerClass;
   Napi::FunctionReference spliceEngineClass;
+  Napi::FunctionReference upgradePumpClass;
+  Napi::FunctionReference onRampClass;
 
  private:
   static void OnTeardown(napi_async_cleanup_hook_handle handle, void* arg);

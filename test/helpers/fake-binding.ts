@@ -297,6 +297,26 @@ export class FakeBinding implements NativeBinding {
     throw new Error('the fake binding has no datagram sockets');
   }
 
+  // Bumblebee's native parts need namespaces and tun devices: they have no fake, and unit tests of its
+  // logic inject their own stand-ins.
+  createNetworkEnvironment(): never {
+    throw new Error('FakeBinding: no network environments');
+  }
+  checkNetworkEnvironment(): never {
+    throw new Error('FakeBinding: no network environments');
+  }
+  openTunInNamespace(): never {
+    throw new Error('FakeBinding: no tun devices');
+  }
+  socketNamespaceInode(): never {
+    throw new Error('FakeBinding: no namespaces');
+  }
+  createUpgradePump(): never {
+    throw new Error('FakeBinding: no upgrade pump');
+  }
+  createOnRamp(): never {
+    throw new Error('FakeBinding: no on-ramp');
+  }
   createSpliceEngine(): never {
     throw new Error('the fake binding has no splice engine; Splicer tests use the real addon');
   }

@@ -1,0 +1,5 @@
+#include "netns.h"
+
+namespace fdferry {
+void InitNetns(Napi::Env, Napi::Object) {}
+}  // namespace fdferry

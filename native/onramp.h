@@ -1,0 +1,16 @@
+// The on-ramp demultiplexer: a client-side tun split into one SOCK_SEQPACKET socket per TCP flow, and back.
+//
+// Used by the test harness, the benchmark and the example proxy to feed Bumblebee, so that they measure
+// Bumblebee and not a JavaScript packet loop. Man pages: unix(7), epoll(7). Recipe: notes/bumblebee-kernel.md §9.
+#pragma once
+
+#include <napi.h>
+
+#include "binding.h"
+
+namespace fdferry {
+
+// Registers createOnRamp.
+void InitOnRamp(Napi::Env env, Napi::Object exports, Fdferry& addon);
+
+}  // namespace fdferry
