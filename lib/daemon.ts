@@ -49,6 +49,11 @@ export interface Service extends HandoffParticipant {
   readonly name: string;
   /** Methods clients may call, beyond the built-in hello/ping/ack/status/reload. */
   methods(): MethodTable;
+  /**
+   * Called once when the daemon starts fresh (not as a successor), before it listens: where a service
+   * builds what a successor would import instead (Bumblebee's network environments).
+   */
+  start?(): void;
   /** Service-specific figures for `status`. */
   status(): Record<string, unknown>;
   /** Called once on SIGTERM/SIGINT; resolves when the service is done. */
@@ -253,6 +258,7 @@ export async function runDaemon(
       process.exit(1);
     }
   } else {
+    service.start?.();
     server.listen(options.socket);
     notifier.send({ READY: 1, STATUS: `generation ${generation}: listening` });
     log.info({ socket: options.socket, version: VERSION, node: process.version }, `${serviceName} listening`);

@@ -8,6 +8,7 @@ import { hideBin } from 'yargs/helpers';
 import { VERSION } from '../lib/version.js';
 import { runCtl, CTL_COMMANDS } from './ctl.js';
 import { runUp, SERVICES } from './up.js';
+import { bumblebeeOptions, startBumblebee } from './bumblebee/command.js';
 import { splicerOptions, startSplicer } from './splicer/command.js';
 
 const fail = (error: unknown): never => {
@@ -25,6 +26,20 @@ await yargs(hideBin(process.argv))
     async (argv) => {
       try {
         const daemon = await startSplicer(argv);
+        await daemon.stopped;
+        process.exit(0);
+      } catch (error) {
+        fail(error);
+      }
+    },
+  )
+  .command(
+    'bumblebee',
+    'run Bumblebee: turns a raw IP flow into an accepted kernel TCP socket inside an anonymous network namespace',
+    (y) => bumblebeeOptions(y),
+    async (argv) => {
+      try {
+        const daemon = await startBumblebee(argv);
         await daemon.stopped;
         process.exit(0);
       } catch (error) {

@@ -7,7 +7,8 @@ import { defaultSocketPath } from '../lib/version.js';
 /** The commands `ctl` knows, with their help text. */
 export const CTL_COMMANDS = {
   status: 'counts, limits and engine figures',
-  tasks: 'every running task: owner, peer pid/uid, age, bytes each way, state',
+  tasks: 'Splicer: every running relay: owner, peer pid/uid, age, bytes each way, state',
+  flows: 'Bumblebee: every flow: owner, tenant, client -> destination, state, packets each way, idle time',
   cancel: 'end a task now (its envelope goes to its owner): ctl <service> cancel <taskId>',
   ping: 'check that the daemon answers',
   reload: 'hand everything over to a fresh process (zero downtime); with --wait (default) report when done',
@@ -83,14 +84,31 @@ function print(options: CtlArguments, result: Record<string, unknown>): void {
     }
     return;
   }
-  if (options.json || options.command !== 'tasks') {
+  if (options.json || (options.command !== 'tasks' && options.command !== 'flows')) {
     console.log(JSON.stringify(result, null, options.json ? 0 : 2));
     return;
   }
-  const tasks = (result.tasks ?? []) as Array<Record<string, unknown>>;
-  const columns = ['taskId', 'owner', 'peerPid', 'peerUid', 'ageMs', 'bytesAToB', 'bytesBToA', 'state'];
-  const rows = [columns, ...tasks.map((task) => columns.map((column) => String(task[column] ?? '')))];
-  const widths = columns.map((_, i) => Math.max(...rows.map((row) => row[i]!.length)));
-  for (const row of rows) console.log(row.map((cell, i) => cell.padEnd(widths[i]!)).join('  ').trimEnd());
-  console.log(`${tasks.length} task(s)`);
+  if (options.command === 'tasks') {
+    const tasks = (result.tasks ?? []) as Array<Record<string, unknown>>;
+    table(tasks, ['taskId', 'owner', 'peerPid', 'peerUid', 'ageMs', 'bytesAToB', 'bytesBToA', 'state']);
+    console.log(`${tasks.length} task(s)`);
+    return;
+  }
+  const flows = ((result.flows ?? []) as Array<Record<string, unknown>>).map((flow) => {
+    const tuple = flow.tuple as { family: number; clientAddress: string; clientPort: number; destinationAddress: string; destinationPort: number } | null;
+    const endpoint = (address: string, port: number) => (tuple?.family === 6 ? `[${address}]:${port}` : `${address}:${port}`);
+    return {
+      ...flow,
+      client: tuple ? endpoint(tuple.clientAddress, tuple.clientPort) : '',
+      destination: tuple ? endpoint(tuple.destinationAddress, tuple.destinationPort) : '',
+    };
+  });
+  table(flows, ['taskId', 'owner', 'tenant', 'client', 'destination', 'state', 'packetsIn', 'packetsOut', 'idleMs']);
+  console.log(`${flows.length} flow(s)`);
+}
+
+function table(rows: Array<Record<string, unknown>>, columns: string[]): void {
+  const cells = [columns, ...rows.map((row) => columns.map((column) => String(row[column] ?? '')))];
+  const widths = columns.map((_, i) => Math.max(...cells.map((row) => row[i]!.length)));
+  for (const row of cells) console.log(row.map((cell, i) => cell.padEnd(widths[i]!)).join('  ').trimEnd());
 }

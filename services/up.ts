@@ -15,7 +15,7 @@ import { isRunning } from '../lib/process.js';
 import { RpcClient } from '../lib/rpc/client.js';
 
 /** The daemons that exist so far, in start order. */
-export const SERVICES = ['splicer'] as const;
+export const SERVICES = ['splicer', 'bumblebee'] as const;
 
 /** Options of {@link runUp}. */
 export interface UpOptions {

@@ -63,6 +63,18 @@ export const ErrorCodes = {
   EFDFERRY_STATE: 'bad hand-over state',
   /** A hand-over failed and was rolled back; the message says in which phase and why. */
   EFDFERRY_HANDOFF: 'hand-over failed',
+  /** Bumblebee: the flow's first packet is not a TCP SYN (a flow is handed over before its handshake). */
+  EFDFERRY_NOTSYN: 'first packet is not a TCP SYN',
+  /** Bumblebee: the flow's first packet is not TCP (UDP, ICMP, an IPv6 extension header...). */
+  EFDFERRY_NOTTCP: 'first packet is not TCP',
+  /** Bumblebee: the flow's first packet is malformed (truncated, bad header, bad checksum, a fragment). */
+  EFDFERRY_MALFORMED: 'malformed packet',
+  /** Bumblebee: no internal tuple is free (all in use, or freed less than a TIME_WAIT ago). */
+  EFDFERRY_SLOTS: 'no free NAT slot',
+  /** Bumblebee: the flow socket closed or failed before the handshake completed. */
+  EFDFERRY_CLOSED: 'flow closed before the handshake completed',
+  /** Bumblebee: the upgrade was cancelled. */
+  EFDFERRY_CANCELLED: 'cancelled',
   /** An unexpected failure inside the daemon; the message says what. */
   EFDFERRY_INTERNAL: 'internal error',
 } as const;
