@@ -8,7 +8,8 @@ const needed = [
   ['prlimit', 'util-linux', 'lowering a child process fd limit (MSG_CTRUNC and EMFILE tests)'],
   ['setsid', 'util-linux', 'starting a successor re-parented away from its predecessor (restart tests)'],
   ['python3', 'python3', 'forging partly sealed memfds the Node API cannot make (protocol tests)'],
-  ['ip', 'iproute2', 'network namespaces for TCP tests'],
+  ['ip', 'iproute2', 'network namespaces and tun devices (TCP and Bumblebee tests)'],
+  ['curl', 'curl', 'a real HTTP client downloading through Bumblebee and Splicer'],
 ];
 
 const has = (command) => spawnSync('sh', ['-c', `command -v ${command}`], { stdio: 'ignore' }).status === 0;

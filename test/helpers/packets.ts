@@ -1,0 +1,194 @@
+/**
+ * Raw IPv4/IPv6 TCP and UDP packets built and read in tests, with correct checksums (RFC 1071), so a
+ * test can play a client's TCP stack by hand through a flow socket and forge every kind of bad packet.
+ */
+import net from 'node:net';
+
+/** An address as bytes (4 or 16). */
+export function addressBytes(address: string): Buffer {
+  if (net.isIPv4(address)) return Buffer.from(address.split('.').map(Number));
+  if (!net.isIPv6(address)) throw new Error(`not an IP address: ${address}`);
+  const [head = '', tail = ''] = address.split('::');
+  const words = (part: string) => (part ? part.split(':').map((word) => parseInt(word, 16)) : []);
+  const left = words(head);
+  const right = address.includes('::') ? words(tail) : [];
+  const all = [...left, ...new Array(8 - left.length - right.length).fill(0), ...right];
+  const bytes = Buffer.alloc(16);
+  all.forEach((word, i) => bytes.writeUInt16BE(word, i * 2));
+  return bytes;
+}
+
+/** One's-complement sum, folded, not inverted. */
+function sum(...parts: Buffer[]): number {
+  let total = 0;
+  for (const part of parts) {
+    for (let i = 0; i + 1 < part.length; i += 2) total += part.readUInt16BE(i);
+    if (part.length % 2) total += part[part.length - 1]! << 8;
+  }
+  while (total > 0xffff) total = (total & 0xffff) + (total >>> 16);
+  return total;
+}
+
+/** TCP flag bits. */
+export const FIN = 0x01;
+export const SYN = 0x02;
+export const RST = 0x04;
+export const PSH = 0x08;
+export const ACK = 0x10;
+
+/** What a forged segment says. */
+export interface SegmentSpec {
+  src: string;
+  dst: string;
+  sport: number;
+  dport: number;
+  seq: number;
+  ack?: number;
+  flags: number;
+  window?: number;
+  /** TCP options, padded to 4 bytes by the caller. */
+  options?: Buffer;
+  payload?: Buffer;
+  /** IPv4 flags+fragment offset word (0x2000 = more fragments). */
+  fragment?: number;
+}
+
+function ipHeader(family: 4 | 6, protocol: number, src: Buffer, dst: Buffer, payloadLength: number, fragment = 0): Buffer {
+  if (family === 4) {
+    const header = Buffer.alloc(20);
+    header[0] = 0x45;
+    header.writeUInt16BE(20 + payloadLength, 2);
+    header.writeUInt16BE(0x1234, 4);
+    header.writeUInt16BE(fragment || 0x4000, 6);
+    header[8] = 64;
+    header[9] = protocol;
+    src.copy(header, 12);
+    dst.copy(header, 16);
+    header.writeUInt16BE(~sum(header) & 0xffff, 10);
+    return header;
+  }
+  const header = Buffer.alloc(40);
+  header[0] = 0x60;
+  header.writeUInt16BE(payloadLength, 4);
+  header[6] = protocol;
+  header[7] = 64;
+  src.copy(header, 8);
+  dst.copy(header, 24);
+  return header;
+}
+
+function pseudoHeader(src: Buffer, dst: Buffer, protocol: number, length: number): Buffer {
+  const tail = Buffer.alloc(src.length === 4 ? 4 : 8);
+  if (src.length === 4) {
+    tail[1] = protocol;
+    tail.writeUInt16BE(length, 2);
+  } else {
+    tail.writeUInt32BE(length, 0);
+    tail[7] = protocol;
+  }
+  return Buffer.concat([src, dst, tail]);
+}
+
+/** A complete IPv4 or IPv6 TCP packet (family taken from the addresses). */
+export function tcpPacket(spec: SegmentSpec): Buffer {
+  const src = addressBytes(spec.src);
+  const dst = addressBytes(spec.dst);
+  const options = spec.options ?? Buffer.alloc(0);
+  const payload = spec.payload ?? Buffer.alloc(0);
+  const tcp = Buffer.alloc(20 + options.length + payload.length);
+  tcp.writeUInt16BE(spec.sport, 0);
+  tcp.writeUInt16BE(spec.dport, 2);
+  tcp.writeUInt32BE(spec.seq >>> 0, 4);
+  tcp.writeUInt32BE((spec.ack ?? 0) >>> 0, 8);
+  tcp[12] = ((20 + options.length) / 4) << 4;
+  tcp[13] = spec.flags;
+  tcp.writeUInt16BE(spec.window ?? 65_535, 14);
+  options.copy(tcp, 20);
+  payload.copy(tcp, 20 + options.length);
+  tcp.writeUInt16BE(~sum(pseudoHeader(src, dst, 6, tcp.length), tcp) & 0xffff, 16);
+  return Buffer.concat([ipHeader(src.length === 4 ? 4 : 6, 6, src, dst, tcp.length, spec.fragment), tcp]);
+}
+
+/** A complete UDP packet. */
+export function udpPacket(spec: { src: string; dst: string; sport: number; dport: number; payload: Buffer }): Buffer {
+  const src = addressBytes(spec.src);
+  const dst = addressBytes(spec.dst);
+  const udp = Buffer.alloc(8 + spec.payload.length);
+  udp.writeUInt16BE(spec.sport, 0);
+  udp.writeUInt16BE(spec.dport, 2);
+  udp.writeUInt16BE(udp.length, 4);
+  spec.payload.copy(udp, 8);
+  udp.writeUInt16BE(~sum(pseudoHeader(src, dst, 17, udp.length), udp) & 0xffff || 0xffff, 6);
+  return Buffer.concat([ipHeader(src.length === 4 ? 4 : 6, 17, src, dst, udp.length), udp]);
+}
+
+/** A parsed TCP packet (enough to play the client side of a handshake). */
+export interface ParsedSegment {
+  family: 4 | 6;
+  src: Buffer;
+  dst: Buffer;
+  sport: number;
+  dport: number;
+  seq: number;
+  ack: number;
+  flags: number;
+  payload: Buffer;
+  /** Whether the IPv4 header and TCP checksums verify. */
+  checksumsValid: boolean;
+  /** The MSS option, if any. */
+  mss: number | null;
+}
+
+/** Reads a TCP packet; null if it is not one. */
+export function parseTcpPacket(packet: Buffer): ParsedSegment | null {
+  const family = packet[0]! >> 4;
+  let headerLength: number;
+  let total: number;
+  let src: Buffer;
+  let dst: Buffer;
+  if (family === 4) {
+    headerLength = (packet[0]! & 0x0f) * 4;
+    total = packet.readUInt16BE(2);
+    if (packet[9] !== 6) return null;
+    src = packet.subarray(12, 16);
+    dst = packet.subarray(16, 20);
+  } else if (family === 6) {
+    headerLength = 40;
+    total = 40 + packet.readUInt16BE(4);
+    if (packet[6] !== 6) return null;
+    src = packet.subarray(8, 24);
+    dst = packet.subarray(24, 40);
+  } else {
+    return null;
+  }
+  const tcp = packet.subarray(headerLength, total);
+  const dataOffset = (tcp[12]! >> 4) * 4;
+  let mss: number | null = null;
+  for (let i = 20; i < dataOffset; ) {
+    const kind = tcp[i]!;
+    if (kind === 0) break;
+    if (kind === 1) {
+      i++;
+      continue;
+    }
+    if (kind === 2) mss = tcp.readUInt16BE(i + 2);
+    i += tcp[i + 1]! || 1;
+  }
+  const ipValid = family === 6 || sum(packet.subarray(0, headerLength)) === 0xffff;
+  return {
+    family: family as 4 | 6,
+    src,
+    dst,
+    sport: tcp.readUInt16BE(0),
+    dport: tcp.readUInt16BE(2),
+    seq: tcp.readUInt32BE(4),
+    ack: tcp.readUInt32BE(8),
+    flags: tcp[13]!,
+    payload: Buffer.from(tcp.subarray(dataOffset)),
+    checksumsValid: ipValid && sum(pseudoHeader(src, dst, 6, tcp.length), tcp) === 0xffff,
+    mss,
+  };
+}
+
+/** The MSS option (4 bytes). */
+export const mssOption = (mss: number): Buffer => Buffer.from([2, 4, mss >> 8, mss & 0xff]);

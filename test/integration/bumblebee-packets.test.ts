@@ -1,0 +1,212 @@
+// Bumblebee packet by packet: this test plays a client's TCP stack by hand through a flow socket, so it
+// can check the NAT (addresses, ports, checksums, MSS) and forge every kind of bad packet.
+import t from 'tap';
+import type { Test } from 'tap';
+import { BumblebeeClient } from '../../lib/client/bumblebee.js';
+import { loadNative } from '../../lib/native.js';
+import { ProtocolError } from '../../lib/protocol/errors.js';
+import { startDaemon } from '../helpers/daemon.js';
+import { eventually, openRecorded, withDeadline, type Recorded } from '../helpers/native-helpers.js';
+import { ACK, PSH, SYN, addressBytes, mssOption, parseTcpPacket, tcpPacket, udpPacket, type ParsedSegment } from '../helpers/packets.js';
+
+t.setTimeout(120_000);
+const binding = loadNative();
+
+// MSS, SACK permitted, timestamps, window scale: the options a Linux client sends.
+const clientOptions = (mss = 1460) =>
+  Buffer.concat([mssOption(mss), Buffer.from([4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7])]);
+
+/** One client flow played by hand: its end of the packet socket pair and its TCP sequence numbers. */
+class HandFlow {
+  readonly ours: Recorded;
+  readonly theirs: number;
+  seq = 1_000_000;
+  ack = 0;
+  #read = 0;
+
+  constructor(
+    readonly src: string,
+    readonly dst: string,
+    readonly sport: number,
+    readonly dport: number,
+  ) {
+    const [ours, theirs] = binding.seqpacketPair();
+    this.ours = openRecorded(binding, ours);
+    this.theirs = theirs;
+  }
+
+  packet(flags: number, payload = Buffer.alloc(0), extra: Partial<Parameters<typeof tcpPacket>[0]> = {}): Buffer {
+    return tcpPacket({ src: this.src, dst: this.dst, sport: this.sport, dport: this.dport, seq: this.seq, ack: this.ack, flags, payload, ...extra });
+  }
+
+  send(packet: Buffer): void {
+    this.ours.socket.send(packet, []);
+  }
+
+  /** The next packet Bumblebee sent us, parsed. */
+  async next(what: string): Promise<ParsedSegment> {
+    const [message] = (await this.ours.messages.wait(this.#read + 1, 10_000, what)).slice(this.#read);
+    this.#read++;
+    const parsed = parseTcpPacket(message!.data);
+    if (!parsed) throw new Error(`${what}: not a TCP packet`);
+    return parsed;
+  }
+
+  /** SYN, then (while the upgrade waits for accept) SYN-ACK and ACK. */
+  async handshake(client: BumblebeeClient, mss = 1460) {
+    this.send(this.packet(SYN, Buffer.alloc(0), { options: clientOptions(mss) }));
+    const upgrade = client.upgrade(this.theirs, { context: { hand: true }, tenant: 'hand' });
+    const synAck = await this.next('SYN-ACK');
+    this.seq++;
+    this.ack = synAck.seq + 1;
+    this.send(this.packet(ACK));
+    return { upgraded: await withDeadline(upgrade, 10_000, 'upgrade'), synAck };
+  }
+}
+
+/** Polls an async condition until it holds or `ms` pass. */
+async function until(condition: () => Promise<boolean>, ms = 5000): Promise<boolean> {
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline) {
+    if (await condition()) return true;
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  return condition();
+}
+
+const setup = async (t: Test, args: string[] = []) => {
+  const daemon = await startDaemon(t, 'bumblebee', ['--slots', '1000', ...args]);
+  const client = new BumblebeeClient({ owner: `packets-${process.pid}`, path: daemon.socket });
+  await client.connect();
+  t.teardown(() => client.close());
+  const { RpcClient } = await import('../../lib/rpc/client.js');
+  const control = new RpcClient({ path: daemon.socket, owner: `ctl-${process.pid}`, binding, reconnect: false });
+  await control.connect();
+  t.teardown(() => control.close());
+  const status = async () => (await control.request('status')).result as Record<string, any>;
+  const dropCounts = async () => ((await status()).environments[0].drops ?? {}) as Record<string, number>;
+  return { daemon, client, status, dropCounts };
+};
+
+t.test('a hand-played IPv4 flow: NATed handshake, options kept, data both ways, checksums right', async (t) => {
+  const { client, status } = await setup(t, ['--mss-clamp', '1200']);
+  const flow = new HandFlow('10.9.0.2', '198.51.100.7', 40_000, 443);
+  const { upgraded, synAck } = await flow.handshake(client);
+  t.teardown(() => upgraded.socket.destroy());
+  t.same(upgraded.tuple, { family: 4, clientAddress: '10.9.0.2', clientPort: 40_000, destinationAddress: '198.51.100.7', destinationPort: 443 }, 'the reply names the flow as its SYN had it');
+  t.same(upgraded.context, { hand: true }, 'the context comes back as given');
+  t.equal(upgraded.tenant, 'hand');
+  t.match(upgraded.internal, { listenerAddress: '100.64.0.1', listenerPort: 4242 });
+  t.equal(upgraded.socket.localAddress, '100.64.0.1', 'the accepted socket lives on the listener address');
+  t.equal(upgraded.socket.remoteAddress, upgraded.internal.address, 'its peer is the internal tuple');
+  t.equal(upgraded.socket.remotePort, upgraded.internal.port);
+  t.ok(upgraded.internal.address.startsWith('100.64.1.'), 'the internal peer comes from the pool');
+  const fd = (upgraded.socket as unknown as { _handle: { fd: number } })._handle.fd;
+  t.not(binding.socketNamespaceInode(fd), binding.socketNamespaceInode(flow.ours.socket.fd), 'the socket lives in another network namespace');
+  const info = binding.tcpInfo(fd);
+  t.equal(info.options & 0x7, 0x7, 'timestamps, SACK and window scaling survived the NAT');
+  t.equal(info.sndMss <= 1200, true, `the MSS was clamped both ways (snd_mss ${info.sndMss})`);
+
+  t.ok(synAck.checksumsValid, 'the SYN-ACK reaches the client with valid checksums');
+  t.equal(synAck.flags & (SYN | ACK), SYN | ACK);
+  t.same([synAck.src, synAck.dst, synAck.sport, synAck.dport], [addressBytes('198.51.100.7'), addressBytes('10.9.0.2'), 443, 40_000], 'the SYN-ACK comes from where the client wanted to go');
+  t.equal(synAck.mss, 1200, 'the SYN-ACK MSS was clamped');
+
+  const received: Buffer[] = [];
+  upgraded.socket.on('data', (chunk) => received.push(chunk));
+  flow.send(flow.packet(PSH | ACK, Buffer.from('hello, kernel')));
+  t.ok(await eventually(() => Buffer.concat(received).toString() === 'hello, kernel'), 'client data reaches the accepted socket');
+  flow.seq += 'hello, kernel'.length;
+  upgraded.socket.write('hello, client');
+  let reply: ParsedSegment;
+  do reply = await flow.next('data from the server');
+  while (reply.payload.length === 0);
+  t.equal(reply.payload.toString(), 'hello, client', 'server data reaches the flow socket');
+  t.ok(reply.checksumsValid, 'with valid checksums');
+  t.equal((await status()).flows, 1, 'status counts the flow');
+  flow.ours.socket.close();
+  t.ok(await until(async () => (await status()).flows === 0), 'closing the flow socket ends the flow');
+});
+
+t.test('refused upgrades give the flow socket back unread, with a clear code', async (t) => {
+  const { client, status } = await setup(t);
+  const src = '10.9.0.3';
+  const dst = '198.51.100.8';
+  const syn = tcpPacket({ src, dst, sport: 1234, dport: 80, seq: 1, flags: SYN });
+  const badChecksum = Buffer.from(syn);
+  badChecksum[badChecksum.length - 1] ^= 0xff;
+  badChecksum[30] ^= 0x01; // the TCP window: the checksum no longer matches
+  const cases: Array<[string, Buffer, string]> = [
+    ['a UDP datagram', udpPacket({ src, dst, sport: 1234, dport: 53, payload: Buffer.from('query') }), 'EFDFERRY_NOTTCP'],
+    ['an ACK', tcpPacket({ src, dst, sport: 1234, dport: 80, seq: 1, ack: 1, flags: ACK }), 'EFDFERRY_NOTSYN'],
+    ['a truncated packet', syn.subarray(0, 30), 'EFDFERRY_MALFORMED'],
+    ['a bad checksum', badChecksum, 'EFDFERRY_MALFORMED'],
+    ['a fragment', tcpPacket({ src, dst, sport: 1234, dport: 80, seq: 1, flags: SYN, fragment: 0x2000 }), 'EFDFERRY_MALFORMED'],
+    ['not IP at all', Buffer.from('GET / HTTP/1.1\r\n\r\n'), 'EFDFERRY_MALFORMED'],
+  ];
+  for (const [what, packet, code] of cases) {
+    const [ours, theirs] = binding.seqpacketPair();
+    const mine = openRecorded(binding, ours);
+    mine.socket.send(packet, []);
+    const error = await client.upgrade(theirs).then(
+      () => null,
+      (e: unknown) => e as ProtocolError,
+    );
+    t.equal(error?.code, code, `${what}: ${code} (${error?.message})`);
+    t.equal(error?.fds.length, 1, `${what}: the flow socket comes back`);
+    // The packet is still there, unread: the caller gets back exactly what it sent.
+    const back = openRecorded(binding, error!.fds[0]!);
+    const [first] = await back.messages.wait(1, 5000, 'the returned packet');
+    t.same(first!.data, packet, `${what}: the packet is still in the socket, unread`);
+    mine.socket.close();
+    back.socket.close();
+  }
+  const [ours, theirs] = binding.seqpacketPair();
+  const empty = openRecorded(binding, ours);
+  empty.socket.close();
+  const closed = await client.upgrade(theirs).then(
+    () => null,
+    (e: unknown) => e as ProtocolError,
+  );
+  t.equal(closed?.code, 'EFDFERRY_CLOSED', 'a flow socket closed before its first packet is refused');
+  binding.closeAll(closed?.fds ?? []);
+  t.equal((await status()).counters.refused, cases.length + 1, 'every refusal is counted');
+  t.equal((await status()).pending, 0, 'nothing is left pending');
+});
+
+t.test('bad packets on a running flow are dropped and counted; the flow and the daemon go on', async (t) => {
+  const { client, dropCounts } = await setup(t);
+  const flow = new HandFlow('10.9.0.4', '198.51.100.9', 40_001, 8080);
+  const { upgraded } = await flow.handshake(client);
+  t.teardown(() => upgraded.socket.destroy());
+  const received: Buffer[] = [];
+  upgraded.socket.on('data', (chunk) => received.push(chunk));
+
+  const good = flow.packet(PSH | ACK, Buffer.from('GOOD'));
+  const badChecksum = flow.packet(PSH | ACK, Buffer.from('EVIL'));
+  badChecksum[badChecksum.length - 1] ^= 0x55;
+  const truncated = Buffer.concat([flow.packet(PSH | ACK, Buffer.from('CUT!')).subarray(0, 44)]);
+  truncated.writeUInt16BE(100, 2); // says 100 bytes, has 44
+  const wrongTuple = tcpPacket({ src: flow.src, dst: flow.dst, sport: flow.sport + 1, dport: flow.dport, seq: flow.seq, ack: flow.ack, flags: PSH | ACK, payload: Buffer.from('SPOOF') });
+  const fragment = flow.packet(PSH | ACK, Buffer.from('FRAG'), { fragment: 0x2000 });
+  const udp = udpPacket({ src: flow.src, dst: flow.dst, sport: flow.sport, dport: flow.dport, payload: Buffer.from('UDP') });
+  const garbage = Buffer.from([0x90, 1, 2, 3]);
+  const before = await dropCounts();
+  for (const packet of [badChecksum, truncated, wrongTuple, fragment, udp, garbage]) flow.send(packet);
+  flow.send(good);
+  t.ok(await eventually(() => Buffer.concat(received).toString() === 'GOOD'), 'only the good segment reached the socket');
+  const after = await dropCounts();
+  const delta = (reason: string) => (after[reason] ?? 0) - (before[reason] ?? 0);
+  t.same(
+    { badChecksum: delta('badChecksum'), truncated: delta('truncated'), wrongTuple: delta('wrongTuple'), fragment: delta('fragment'), notTcp: delta('notTcp'), badVersion: delta('badVersion') },
+    { badChecksum: 1, truncated: 1, wrongTuple: 1, fragment: 1, notTcp: 1, badVersion: 1 },
+    'each bad packet is counted under its reason',
+  );
+  // The daemon still upgrades new flows, IPv6 this time.
+  const six = new HandFlow('fd00:9::2', '2001:db8::77', 50_000, 443);
+  const { upgraded: upgraded6, synAck } = await six.handshake(client);
+  t.teardown(() => upgraded6.socket.destroy());
+  t.ok(synAck.checksumsValid, 'an IPv6 flow is upgraded after all that');
+  t.equal(upgraded6.socket.localAddress, 'fd00:bb::1');
+  t.same(upgraded6.tuple, { family: 6, clientAddress: 'fd00:9::2', clientPort: 50_000, destinationAddress: '2001:db8::77', destinationPort: 443 });
+});
