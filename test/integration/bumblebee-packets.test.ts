@@ -6,6 +6,7 @@ import { BumblebeeClient } from '../../lib/client/bumblebee.js';
 import { loadNative } from '../../lib/native.js';
 import { ProtocolError } from '../../lib/protocol/errors.js';
 import { startDaemon } from '../helpers/daemon.js';
+import { Generations, reload } from '../helpers/restart.js';
 import { eventually, openRecorded, withDeadline, type Recorded } from '../helpers/native-helpers.js';
 import { ACK, PSH, SYN, addressBytes, mssOption, parseTcpPacket, tcpPacket, udpPacket, type ParsedSegment } from '../helpers/packets.js';
 
@@ -209,4 +210,34 @@ t.test('bad packets on a running flow are dropped and counted; the flow and the 
   t.ok(synAck.checksumsValid, 'an IPv6 flow is upgraded after all that');
   t.equal(upgraded6.socket.localAddress, 'fd00:bb::1');
   t.same(upgraded6.tuple, { family: 6, clientAddress: 'fd00:9::2', clientPort: 50_000, destinationAddress: '2001:db8::77', destinationPort: 443 });
+});
+
+t.test('a flow survives a reload: its slot, its NAT and its packets waiting in the socket move to the successor', async (t) => {
+  const { daemon, client, status } = await setup(t);
+  const generations = new Generations(t, daemon.pid);
+  const flow = new HandFlow('10.9.0.5', '198.51.100.10', 40_002, 443);
+  const { upgraded } = await flow.handshake(client);
+  t.teardown(() => upgraded.socket.destroy());
+  const received: Buffer[] = [];
+  upgraded.socket.on('data', (chunk) => received.push(chunk));
+  const before = await status();
+  const result = await reload('bumblebee', daemon.socket);
+  t.equal(result.report.ok, true, `the reload succeeded (${JSON.stringify(result.report.failure ?? {})})`);
+  generations.add(result.report.newPid!);
+  t.equal(result.report.tasks, 1, 'one flow travelled');
+  const after = await status();
+  t.not(after.pid, before.pid, 'a new process answers');
+  t.equal(after.flows, 1, 'it holds the flow');
+  flow.send(flow.packet(PSH | ACK, Buffer.from('after the reload')));
+  t.ok(await eventually(() => Buffer.concat(received).toString() === 'after the reload'), 'client data still reaches the socket');
+  flow.seq += 'after the reload'.length;
+  upgraded.socket.write('still here');
+  let reply: ParsedSegment;
+  do reply = await flow.next('data after the reload');
+  while (reply.payload.length === 0);
+  t.equal(reply.payload.toString(), 'still here', 'server data still reaches the flow socket');
+  const next = new HandFlow('10.9.0.6', '198.51.100.10', 40_003, 443);
+  const second = await next.handshake(client);
+  t.teardown(() => second.upgraded.socket.destroy());
+  t.not(second.upgraded.internal.port === upgraded.internal.port && second.upgraded.internal.address === upgraded.internal.address, true, 'the successor never hands out the slot in use');
 });
