@@ -1,5 +1,693 @@
+// The on-ramp demultiplexer: a client-side tun split into one SOCK_SEQPACKET socket per TCP flow, and back.
+//
+// Man pages: unix(7) (SOCK_SEQPACKET), socketpair(2), socket(7) (SO_SNDBUFFORCE, SO_RCVBUFFORCE), epoll(7),
+// epoll_ctl(2), eventfd(2), recvmsg(2) (MSG_TRUNC), send(2) (MSG_DONTWAIT, MSG_NOSIGNAL), read(2), write(2),
+// fcntl(2), inet_ntop(3), pthread_sigmask(3), clock_gettime(2). Kernel docs: networking/tuntap.rst.
+// libuv docs: uv_async_t. Recipe: notes/bumblebee-kernel.md §6 (flow sockets) and §9 (test topology).
+//
+// What it does, on one epoll thread:
+//   tun -> flows   read(tun) one packet at a time; parse it as TCP; key it by its tuple (client -> destination).
+//                  A SYN without ACK for an unknown tuple opens a flow: a socketpair, the SYN written into our
+//                  end, the other end handed to JS (which passes it to Bumblebee). Known tuple: send() into our
+//                  end. Anything else is dropped and counted by reason.
+//   flows -> tun   each message from our end of a flow socket is one IP packet for the client: write(tun).
+//   ending         FIN seen both ways, or an RST either way, closes our end closeDelayMs later (the last ACKs
+//                  and a retransmitted FIN still pass meanwhile); an idle timeout, EOF or an error close it at
+//                  once. Closing our end is how Bumblebee learns that the flow is over (recv() == 0).
+//
+// Threads and ownership
+// - The loop thread owns every flow and our end of every flow socket: only it touches them, so the data path
+//   takes no locks. Counters are atomics that JS reads without asking the thread.
+// - The on-ramp borrows the tun fd (the caller closes it after close()) but sets O_NONBLOCK on it: a tun is not
+//   a socket, so MSG_DONTWAIT is not available on read(2).
+// - New flows travel to JS through a mutex-protected outbox and a uv_async_t, so a burst of connects costs one
+//   JS call. From the moment a record is in the outbox the other end of its pair is JS's; records that never
+//   reached JS (the on-ramp was closed first) are closed here.
 #include "onramp.h"
 
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cerrno>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "errors.h"
+#include "fd.h"
+#include "packet.h"
+#include "uv_handle.h"
+
 namespace fdferry {
-void InitOnRamp(Napi::Env, Napi::Object, Fdferry&) {}
+
+namespace {
+
+using packet::TcpSegment;
+using packet::Tuple;
+using packet::TupleHash;
+using packet::Verdict;
+
+// One IP packet: the largest IPv4/IPv6 total length fits, so MSG_TRUNC can only mean a bad peer.
+constexpr size_t kPacketBufferSize = 64 * 1024;
+// Packets read from the tun per wakeup before the flow sockets get their turn.
+constexpr int kTunBatch = 256;
+// Messages taken from one flow socket per wakeup (level-triggered: the rest comes on the next round).
+constexpr int kFlowBatch = 64;
+// Granularity of the close delay and the idle timeout.
+constexpr int kTimerTickMs = 100;
+// Both ends of each flow socket (§6: the sender's sndbuf is the limit; the default holds about 93 packets).
+constexpr int kFlowSocketBuffer = 4 * 1024 * 1024;
+constexpr double kMaxSafeInteger = 9007199254740991.0;
+
+// Drop counters. The first six are the parser's verdicts, named by packet::VerdictName.
+enum Drop : size_t {
+  kDropTruncated,
+  kDropBadVersion,
+  kDropBadHeader,
+  kDropFragment,
+  kDropNotTcp,
+  kDropBadChecksum,
+  kDropNoFlow,        // tun: a non-SYN for a tuple with no flow
+  kDropSocketFull,    // tun -> flow: send() EAGAIN
+  kDropSocketError,   // tun -> flow: any other send() error (the peer is gone; its EOF closes the flow)
+  kDropFlowSetup,     // tun: a SYN that could not open a flow (socketpair or epoll_ctl failed, e.g. EMFILE)
+  kDropOversize,      // flow -> tun: a message longer than any IP packet (MSG_TRUNC)
+  kDropBadReply,      // flow -> tun: not a TCP packet of this very flow (the reverse tuple)
+  kDropTunFull,       // flow -> tun: write() EAGAIN
+  kDropTunError,      // flow -> tun: any other write() error
+  kDropTunReadError,  // read(tun) failed for good (the device is gone): the tun is no longer polled
+  kDropCount,
+};
+
+const char* DropName(size_t drop) {
+  switch (drop) {
+    case kDropTruncated: return packet::VerdictName(Verdict::kTruncated);
+    case kDropBadVersion: return packet::VerdictName(Verdict::kBadVersion);
+    case kDropBadHeader: return packet::VerdictName(Verdict::kBadHeader);
+    case kDropFragment: return packet::VerdictName(Verdict::kFragment);
+    case kDropNotTcp: return packet::VerdictName(Verdict::kNotTcp);
+    case kDropBadChecksum: return packet::VerdictName(Verdict::kBadChecksum);
+    case kDropNoFlow: return "noFlow";
+    case kDropSocketFull: return "socketFull";
+    case kDropSocketError: return "socketError";
+    case kDropFlowSetup: return "flowSetup";
+    case kDropOversize: return "oversize";
+    case kDropBadReply: return "badReply";
+    case kDropTunFull: return "tunFull";
+    case kDropTunError: return "tunError";
+    case kDropTunReadError: return "tunReadError";
+  }
+  return "unknown";
+}
+
+Drop DropOf(Verdict verdict) {
+  switch (verdict) {
+    case Verdict::kTruncated: return kDropTruncated;
+    case Verdict::kBadVersion: return kDropBadVersion;
+    case Verdict::kBadHeader: return kDropBadHeader;
+    case Verdict::kFragment: return kDropFragment;
+    case Verdict::kNotTcp: return kDropNotTcp;
+    case Verdict::kBadChecksum: return kDropBadChecksum;
+    case Verdict::kOk: break;
+  }
+  return kDropBadHeader;
+}
+
+int64_t MonotonicMs() {
+  timespec now{};
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  return static_cast<int64_t>(now.tv_sec) * 1000 + now.tv_nsec / 1000000;
+}
+
+int SetNonblocking(int fd) {
+  int flags = fcntl(fd, F_GETFL);
+  if (flags < 0) return -1;
+  if (flags & O_NONBLOCK) return 0;
+  return fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+}
+
+// SO_*BUFFORCE needs CAP_NET_ADMIN; without it the plain options still raise the buffers up to the wmem_max /
+// rmem_max sysctls. Failing both is not fatal: the flow works with smaller buffers and drops as socketFull.
+void SetFlowSocketBuffers(int fd) {
+  int size = kFlowSocketBuffer;
+  if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof size) < 0) {
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+  }
+  if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size) < 0) {
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+  }
+}
+
+std::string AddressString(int family, const uint8_t* address) {
+  char text[INET6_ADDRSTRLEN] = {};
+  inet_ntop(family == 4 ? AF_INET : AF_INET6, address, text, sizeof text);
+  return text;
+}
+
+double NumberField(const Napi::Object& object, const char* name, double fallback, double min, double max) {
+  Napi::Value value = object.Get(name);
+  if (value.IsUndefined()) return fallback;
+  if (!value.IsNumber()) throw Napi::TypeError::New(object.Env(), std::string("\"") + name + "\" must be a number");
+  double number = value.As<Napi::Number>().DoubleValue();
+  if (!(number >= min && number <= max) || number != static_cast<double>(static_cast<int64_t>(number))) {
+    throw Napi::RangeError::New(object.Env(), std::string("\"") + name + "\" is out of range");
+  }
+  return number;
+}
+
+// A new flow as JS receives it. `fd` is the Bumblebee end of the pair: JS owns it once it is in the outbox.
+struct FlowRecord {
+  uint64_t id = 0;
+  int fd = -1;
+  int family = 0;
+  std::string client_address;
+  uint16_t client_port = 0;
+  std::string destination_address;
+  uint16_t destination_port = 0;
+};
+
+// What the JS object shares with the loop thread.
+struct OnRampShared {
+  std::atomic<int64_t> flows{0};
+  std::atomic<int64_t> flows_total{0};
+  std::atomic<int64_t> packets_from_tun{0};
+  std::atomic<int64_t> packets_to_tun{0};
+  std::array<std::atomic<int64_t>, kDropCount> drops{};
+  std::mutex outbox_mutex;
+  std::vector<FlowRecord> outbox;
+  uv_async_t* notify = nullptr;  // valid while the thread runs (it is joined before the handle is closed)
+
+  void Count(Drop drop) { drops[drop].fetch_add(1, std::memory_order_relaxed); }
+
+  void Deliver(FlowRecord record) {
+    {
+      std::lock_guard<std::mutex> lock(outbox_mutex);
+      outbox.push_back(std::move(record));
+    }
+    // The one libuv call that is safe from another thread; many sends coalesce into one callback.
+    uv_async_send(notify);
+  }
+
+  std::vector<FlowRecord> TakeOutbox() {
+    std::vector<FlowRecord> taken;
+    std::lock_guard<std::mutex> lock(outbox_mutex);
+    taken.swap(outbox);
+    return taken;
+  }
+};
+
+struct Flow {
+  Tuple tuple;  // client -> destination, as read from the tun
+  Tuple reply;  // destination -> client, what the flow socket must carry
+  uint64_t id = 0;
+  int fd = -1;  // our end
+  int64_t last_activity = 0;
+  int64_t close_at = 0;
+  bool fin_from_client = false;
+  bool fin_from_server = false;
+  bool rst = false;
+  bool closing = false;  // close_at is set
+  bool closed = false;   // our end is closed; the Flow waits in the graveyard until the epoll batch is done
+};
+
+// A failed syscall while the loop is being set up, reported to JS as an ErrnoException.
+struct SetupError {
+  int err;
+  const char* syscall;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// OnRampLoop: the epoll thread and the flows it owns.
+
+class OnRampLoop {
+ public:
+  // Throws SetupError when epoll or eventfd cannot be created or the tun cannot be polled (not a pollable fd),
+  // std::system_error when the thread cannot start.
+  OnRampLoop(std::shared_ptr<OnRampShared> shared, int tun_fd, int64_t close_delay_ms, int64_t idle_timeout_ms)
+      : shared_(std::move(shared)),
+        tun_(tun_fd),
+        close_delay_ms_(close_delay_ms),
+        idle_timeout_ms_(idle_timeout_ms),
+        buffer_(new uint8_t[kPacketBufferSize]) {
+    epoll_.reset(epoll_create1(EPOLL_CLOEXEC));
+    if (!epoll_.valid()) throw SetupError{errno, "epoll_create1"};
+    wake_.reset(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+    if (!wake_.valid()) throw SetupError{errno, "eventfd"};
+    epoll_event event{};
+    event.events = EPOLLIN;
+    event.data.ptr = nullptr;  // the wake-up eventfd
+    if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, wake_.get(), &event) < 0) {
+      throw SetupError{errno, "epoll_ctl"};
+    }
+    // Level-triggered: a batch cap then simply leaves the rest for the next round, after the other fds.
+    event.events = EPOLLIN;
+    event.data.ptr = this;  // the tun
+    if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, tun_, &event) < 0) {
+      throw SetupError{errno, "epoll_ctl"};
+    }
+    tun_polled_ = true;
+    // The thread starts with every signal blocked, so no process signal (SIGINT, SIGCHLD...) is ever delivered
+    // to it: blocking them inside the thread would leave a window. The caller's mask is restored right after.
+    sigset_t all, previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &previous);
+    try {
+      thread_ = std::thread([this] { Run(); });
+    } catch (...) {
+      pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+      throw;
+    }
+    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+  }
+
+  ~OnRampLoop() { Stop(); }
+
+  OnRampLoop(const OnRampLoop&) = delete;
+  OnRampLoop& operator=(const OnRampLoop&) = delete;
+
+  // Stops the loop and closes our end of every flow. Idempotent; only for the JS thread.
+  void Stop() {
+    if (!thread_.joinable()) return;
+    stopping_.store(true, std::memory_order_release);
+    uint64_t one = 1;
+    ssize_t ignored = write(wake_.get(), &one, sizeof one);
+    (void)ignored;  // EAGAIN only at a counter of 2^64-1: the thread is awake then anyway
+    thread_.join();
+  }
+
+ private:
+  void Run() {
+    epoll_event events[256];
+    int64_t next_tick = MonotonicMs() + kTimerTickMs;
+    while (!stopping_.load(std::memory_order_acquire)) {
+      int timeout = -1;
+      if (Timed()) timeout = static_cast<int>(std::clamp<int64_t>(next_tick - MonotonicMs(), 0, kTimerTickMs));
+      int count = epoll_wait(epoll_.get(), events, 256, timeout);
+      if (count < 0 && errno != EINTR) break;  // EBADF/EINVAL: our own epoll fd is broken; nothing to wait on
+      now_ = MonotonicMs();
+      for (int i = 0; i < count; i++) {
+        void* tag = events[i].data.ptr;
+        if (tag == nullptr) {
+          uint64_t counter;
+          ssize_t ignored = read(wake_.get(), &counter, sizeof counter);
+          (void)ignored;
+        } else if (tag == this) {
+          ReadTun();
+        } else {
+          auto* flow = static_cast<Flow*>(tag);
+          // A flow closed earlier in this batch is still allocated (graveyard), so this check is safe.
+          if (!flow->closed) OnFlowEvent(flow, events[i].events);
+        }
+      }
+      if (Timed() && now_ >= next_tick) {
+        CheckTimers();
+        next_tick = now_ + kTimerTickMs;
+      }
+      graveyard_.clear();
+    }
+    for (auto& [tuple, flow] : flows_) {
+      epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, flow->fd, nullptr);
+      ::close(flow->fd);
+    }
+    shared_->flows.fetch_sub(static_cast<int64_t>(flows_.size()));
+    flows_.clear();
+    graveyard_.clear();
+    // The tun stays open (it is the caller's), so take it off our epoll set explicitly.
+    if (tun_polled_) epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, tun_, nullptr);
+    tun_polled_ = false;
+  }
+
+  // A tick is needed only while some flow can expire.
+  bool Timed() const { return pending_closes_ > 0 || (idle_timeout_ms_ > 0 && !flows_.empty()); }
+
+  void ReadTun() {
+    for (int n = 0; n < kTunBatch; n++) {
+      ssize_t got = read(tun_, buffer_.get(), kPacketBufferSize);
+      if (got < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN) return;
+        // EBADFD (the device was deleted) and the like do not heal, and level-triggered epoll would report
+        // them forever: stop reading the tun. The flows keep running until they end or idle out.
+        shared_->Count(kDropTunReadError);
+        epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, tun_, nullptr);
+        tun_polled_ = false;
+        return;
+      }
+      if (got == 0) return;
+      shared_->packets_from_tun.fetch_add(1, std::memory_order_relaxed);
+      FromTun(buffer_.get(), static_cast<size_t>(got));
+    }
+  }
+
+  void FromTun(uint8_t* data, size_t size) {
+    TcpSegment segment;
+    Verdict verdict = packet::ParseTcp(data, size, false, &segment);
+    if (verdict != Verdict::kOk) {
+      shared_->Count(DropOf(verdict));
+      return;
+    }
+    Tuple tuple = Tuple::Of(segment);
+    bool opening = (segment.flags & (packet::kTcpSyn | packet::kTcpAck | packet::kTcpRst)) == packet::kTcpSyn;
+    auto found = flows_.find(tuple);
+    Flow* flow = found == flows_.end() ? nullptr : found->second.get();
+    if (flow != nullptr && opening && flow->closing) {
+      // The client reuses the tuple of a connection that already ended (FIN both ways or RST): a new
+      // connection, not a retransmission, so it gets a new flow rather than the old flow's last moments.
+      CloseFlow(flow);
+      flow = nullptr;
+    }
+    if (flow == nullptr) {
+      if (opening) {
+        StartFlow(segment, tuple);
+      } else {
+        shared_->Count(kDropNoFlow);
+      }
+      return;
+    }
+    // A retransmitted SYN for a live flow lands here too and is simply forwarded.
+    flow->last_activity = now_;
+    // Tracked whether or not the send succeeds: an RST from the client is never retransmitted.
+    Track(flow, segment.flags, true);
+    if (send(flow->fd, segment.ip, segment.length, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
+      // Router semantics: TCP retransmits what we drop.
+      shared_->Count(errno == EAGAIN ? kDropSocketFull : kDropSocketError);
+    }
+  }
+
+  void StartFlow(const TcpSegment& syn, const Tuple& tuple) {
+    int pair[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) < 0) {
+      shared_->Count(kDropFlowSetup);
+      return;
+    }
+    FileDescriptor ours(pair[0]);
+    FileDescriptor theirs(pair[1]);
+    SetFlowSocketBuffers(ours.get());
+    SetFlowSocketBuffers(theirs.get());
+    // Only our end is nonblocking: O_NONBLOCK lives on the open file description, and the other end goes to
+    // another process, which decides for itself.
+    if (SetNonblocking(ours.get()) < 0) {
+      shared_->Count(kDropFlowSetup);
+      return;
+    }
+    auto flow = std::make_unique<Flow>();
+    flow->tuple = tuple;
+    flow->reply = tuple.Reversed();
+    flow->last_activity = now_;
+    epoll_event event{};
+    event.events = EPOLLIN;  // EPOLLHUP and EPOLLERR are always reported
+    event.data.ptr = flow.get();
+    if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, ours.get(), &event) < 0) {
+      shared_->Count(kDropFlowSetup);
+      return;
+    }
+    // The SYN waits in the pair until Bumblebee holds the other end (§6). It cannot find the pair full, but if
+    // it were lost the client's SYN retransmission would simply be forwarded to the new flow.
+    if (send(ours.get(), syn.ip, syn.length, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
+      shared_->Count(errno == EAGAIN ? kDropSocketFull : kDropSocketError);
+    }
+    flow->id = next_id_++;
+    flow->fd = ours.release();
+
+    FlowRecord record;
+    record.id = flow->id;
+    record.fd = theirs.release();
+    record.family = tuple.family;
+    record.client_address = AddressString(tuple.family, tuple.src);
+    record.client_port = tuple.sport;
+    record.destination_address = AddressString(tuple.family, tuple.dst);
+    record.destination_port = tuple.dport;
+
+    flows_.emplace(tuple, std::move(flow));
+    shared_->flows.fetch_add(1, std::memory_order_relaxed);
+    shared_->flows_total.fetch_add(1, std::memory_order_relaxed);
+    shared_->Deliver(std::move(record));
+  }
+
+  void OnFlowEvent(Flow* flow, uint32_t events) {
+    uint8_t* data = buffer_.get();
+    bool drained = false;
+    for (int n = 0; n < kFlowBatch && !drained; n++) {
+      iovec iov{data, kPacketBufferSize};
+      msghdr message{};
+      message.msg_iov = &iov;
+      message.msg_iovlen = 1;
+      ssize_t got = recvmsg(flow->fd, &message, MSG_DONTWAIT);
+      if (got < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN) {
+          drained = true;
+          continue;
+        }
+        CloseFlow(flow);  // ECONNRESET and the like: the pair is broken
+        return;
+      }
+      if (got == 0) {
+        // EOF (SEQPACKET never carries empty messages): Bumblebee is done with the flow.
+        CloseFlow(flow);
+        return;
+      }
+      if (message.msg_flags & MSG_TRUNC) {
+        shared_->Count(kDropOversize);
+        continue;
+      }
+      ToTun(flow, data, static_cast<size_t>(got));
+    }
+    // Normally recv() reports the peer's close itself (0 once the queue is empty); a hang-up or error with
+    // nothing left to read would otherwise be reported again on every round by level-triggered epoll.
+    if (drained && (events & (EPOLLHUP | EPOLLERR)) != 0) CloseFlow(flow);
+  }
+
+  void ToTun(Flow* flow, uint8_t* data, size_t size) {
+    TcpSegment segment;
+    if (packet::ParseTcp(data, size, false, &segment) != Verdict::kOk || !(Tuple::Of(segment) == flow->reply)) {
+      // Only this flow's own packets reach the client: a flow socket cannot inject anything else.
+      shared_->Count(kDropBadReply);
+      return;
+    }
+    flow->last_activity = now_;
+    Track(flow, segment.flags, false);
+    ssize_t written = write(tun_, segment.ip, segment.length);
+    if (written < 0) {
+      shared_->Count(errno == EAGAIN ? kDropTunFull : kDropTunError);
+      return;
+    }
+    shared_->packets_to_tun.fetch_add(1, std::memory_order_relaxed);
+  }
+
+  // FIN both ways or an RST either way: the flow is over, but it keeps relaying for closeDelayMs so the last
+  // ACK and any retransmitted FIN still pass.
+  void Track(Flow* flow, uint8_t flags, bool from_client) {
+    if (flags & packet::kTcpRst) flow->rst = true;
+    if (flags & packet::kTcpFin) (from_client ? flow->fin_from_client : flow->fin_from_server) = true;
+    if (!flow->closing && (flow->rst || (flow->fin_from_client && flow->fin_from_server))) {
+      flow->closing = true;
+      flow->close_at = now_ + close_delay_ms_;
+      pending_closes_++;
+    }
+  }
+
+  void CheckTimers() {
+    std::vector<Flow*> expired;
+    for (auto& [tuple, flow] : flows_) {
+      if ((flow->closing && now_ >= flow->close_at) ||
+          (idle_timeout_ms_ > 0 && now_ - flow->last_activity >= idle_timeout_ms_)) {
+        expired.push_back(flow.get());
+      }
+    }
+    for (Flow* flow : expired) CloseFlow(flow);
+  }
+
+  // Closing our end is the flow's end as Bumblebee sees it (EOF on its end).
+  void CloseFlow(Flow* flow) {
+    if (flow->closed) return;
+    flow->closed = true;
+    // Off epoll before close(2), so no later event can name it.
+    epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, flow->fd, nullptr);
+    ::close(flow->fd);
+    flow->fd = -1;
+    if (flow->closing) pending_closes_--;
+    auto found = flows_.find(flow->tuple);
+    // Freed after the current epoll batch: later events of the batch may still point at it.
+    graveyard_.push_back(std::move(found->second));
+    flows_.erase(found);
+    shared_->flows.fetch_sub(1, std::memory_order_relaxed);
+  }
+
+  std::shared_ptr<OnRampShared> shared_;
+  int tun_;
+  int64_t close_delay_ms_;
+  int64_t idle_timeout_ms_;
+  std::unique_ptr<uint8_t[]> buffer_;
+  FileDescriptor epoll_;
+  FileDescriptor wake_;
+  bool tun_polled_ = false;
+  std::atomic<bool> stopping_{false};
+  std::thread thread_;
+  // Touched only by the loop thread.
+  std::unordered_map<Tuple, std::unique_ptr<Flow>, TupleHash> flows_;
+  std::vector<std::unique_ptr<Flow>> graveyard_;
+  int pending_closes_ = 0;
+  int64_t now_ = MonotonicMs();
+  uint64_t next_id_ = 1;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// OnRamp: the JS object.
+
+class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
+ public:
+  static Napi::Function DefineClass(Napi::Env env) {
+    return ObjectWrap::DefineClass(env, "OnRamp",
+                                   {
+                                       InstanceMethod<&OnRamp::Stats>("stats"),
+                                       InstanceMethod<&OnRamp::Close>("close"),
+                                   });
+  }
+
+  // Constructed only by createOnRamp: (tunFd, options, onFlows).
+  explicit OnRamp(const Napi::CallbackInfo& info)
+      : ObjectWrap(info),
+        addon_(Fdferry::Of(info.Env())),
+        async_context_(info.Env(), "fdferry:OnRamp", info.This().As<Napi::Object>()),
+        shared_(std::make_shared<OnRampShared>()) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 3 || !info[0].IsNumber() || !info[1].IsObject() || !info[2].IsFunction()) {
+      throw Napi::TypeError::New(env, "createOnRamp(tunFd, options, onFlows)");
+    }
+    int tun_fd = FdArgument(info, 0);
+    Napi::Object options = info[1].As<Napi::Object>();
+    auto close_delay_ms = static_cast<int64_t>(NumberField(options, "closeDelayMs", 500, 0, kMaxSafeInteger));
+    auto idle_timeout_ms = static_cast<int64_t>(NumberField(options, "idleTimeoutMs", 0, 0, kMaxSafeInteger));
+    // The tun is the caller's, but read(2) has no MSG_DONTWAIT: the loop needs it nonblocking.
+    if (SetNonblocking(tun_fd) < 0) throw ErrnoException(env, errno, "fcntl");
+    on_flows_ = Napi::Persistent(info[2].As<Napi::Function>());
+
+    int status = notify_.Init(addon_.pendingCloses(),
+                              [&](uv_async_t* handle) { return uv_async_init(addon_.loop(), handle, OnNotify); });
+    if (status < 0) throw ErrnoException(env, -status, "uv_async_init");
+    notify_.get()->data = this;
+    shared_->notify = notify_.get();
+    try {
+      loop_ = std::make_unique<OnRampLoop>(shared_, tun_fd, close_delay_ms, idle_timeout_ms);
+    } catch (const SetupError& error) {
+      notify_.Close();
+      throw ErrnoException(env, error.err, error.syscall);
+    } catch (const std::system_error& error) {
+      notify_.Close();
+      throw ErrnoException(env, error.code().value(), "pthread_create");
+    }
+    addon_.Register(static_cast<LoopResource*>(this));
+    // Strong while running: new flows call back into this object from the loop.
+    Ref();
+  }
+
+  ~OnRamp() override { StopLoop(); }
+
+  void CloseForTeardown() override {
+    if (closed_) return;
+    closed_ = true;
+    StopLoop();
+    // Joined before the handle closes: the thread may call uv_async_send until it has stopped.
+    notify_.Close();
+    addon_.Unregister(static_cast<LoopResource*>(this));
+    on_flows_.Reset();
+    Unref();
+  }
+
+ private:
+  Napi::Value Stats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const OnRampShared& s = *shared_;
+    Napi::Object stats = Napi::Object::New(env);
+    stats.Set("flows", static_cast<double>(s.flows.load()));
+    stats.Set("flowsTotal", static_cast<double>(s.flows_total.load()));
+    stats.Set("packetsFromTun", static_cast<double>(s.packets_from_tun.load()));
+    stats.Set("packetsToTun", static_cast<double>(s.packets_to_tun.load()));
+    Napi::Object drops = Napi::Object::New(env);
+    for (size_t i = 0; i < kDropCount; i++) drops.Set(DropName(i), static_cast<double>(s.drops[i].load()));
+    stats.Set("drops", drops);
+    return stats;
+  }
+
+  // The same as at teardown: flows that never reached JS are closed rather than delivered during close(), since
+  // our ends are closed too and they would be dead on arrival.
+  void Close(const Napi::CallbackInfo&) { CloseForTeardown(); }
+
+  // Stops the thread (closing our ends), then closes the other end of every flow JS has not received.
+  void StopLoop() {
+    if (loop_) loop_->Stop();
+    loop_.reset();
+    for (FlowRecord& record : shared_->TakeOutbox()) ::close(record.fd);
+  }
+
+  static void OnNotify(uv_async_t* handle) {
+    auto* self = static_cast<OnRamp*>(handle->data);
+    AtLoopBoundary(self->Env(), [self] { self->DeliverFlows(); });
+  }
+
+  void DeliverFlows() {
+    if (closed_ || on_flows_.IsEmpty()) return;
+    std::vector<FlowRecord> flows = shared_->TakeOutbox();
+    if (flows.empty()) return;
+    Napi::Env env = Env();
+    Napi::Array list = Napi::Array::New(env, flows.size());
+    uint32_t index = 0;
+    for (const FlowRecord& f : flows) {
+      Napi::Object tuple = Napi::Object::New(env);
+      tuple.Set("family", f.family);
+      tuple.Set("clientAddress", f.client_address);
+      tuple.Set("clientPort", f.client_port);
+      tuple.Set("destinationAddress", f.destination_address);
+      tuple.Set("destinationPort", f.destination_port);
+      Napi::Object object = Napi::Object::New(env);
+      object.Set("flowId", static_cast<double>(f.id));
+      object.Set("fd", f.fd);
+      object.Set("tuple", tuple);
+      list.Set(index++, object);
+    }
+    // From here the fds are JS's, even if the callback throws.
+    CallIntoJs(env, async_context_, Value(), on_flows_.Value(), {list});
+  }
+
+  Fdferry& addon_;
+  Napi::AsyncContext async_context_;
+  Napi::FunctionReference on_flows_;
+  std::shared_ptr<OnRampShared> shared_;
+  std::unique_ptr<OnRampLoop> loop_;
+  UvHandle<uv_async_t> notify_;
+  bool closed_ = false;
+};
+
+Napi::Value CreateOnRamp(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Fdferry::Of(env).onRampClass.New({info.Length() > 0 ? info[0] : env.Undefined(),
+                                           info.Length() > 1 ? info[1] : env.Undefined(),
+                                           info.Length() > 2 ? info[2] : env.Undefined()});
+}
+
+}  // namespace
+
+void InitOnRamp(Napi::Env env, Napi::Object exports, Fdferry& addon) {
+  addon.onRampClass = Napi::Persistent(OnRamp::DefineClass(env));
+  exports.Set("createOnRamp", Napi::Function::New(env, CreateOnRamp, "createOnRamp"));
+}
+
 }  // namespace fdferry
