@@ -55,6 +55,9 @@ export class BumblebeeClient<S extends 'net' | 'fd' = 'net'> extends EventEmitte
   readonly #rpc: RpcClient;
   readonly #binding: NativeBinding;
   readonly #sockets: 'net' | 'fd';
+  /** Upgrades beyond the daemon's in-flight limit wait here instead of being refused with EFDFERRY_BUSY. */
+  readonly #queue: Array<() => void> = [];
+  #inflight = 0;
 
   constructor(options: BumblebeeClientOptions<S>) {
     super();
@@ -90,7 +93,18 @@ export class BumblebeeClient<S extends 'net' | 'fd' = 'net'> extends EventEmitte
     const params: Record<string, unknown> = {};
     if (options.context !== undefined) params.context = options.context;
     if (options.tenant !== undefined) params.tenant = options.tenant;
-    const reply = await this.#rpc.request('upgrade', params, [flowFd]);
+    // A SYN flood's worth of upgrades is normal for an on-ramp: keep within the daemon's in-flight limit
+    // per connection (its hello says it) and queue the rest, each waiting only for a handshake.
+    const limit = this.#rpc.hello?.limits.maxInflight ?? 64;
+    if (this.#inflight >= limit) await new Promise<void>((resolve) => this.#queue.push(resolve));
+    this.#inflight++;
+    let reply;
+    try {
+      reply = await this.#rpc.request('upgrade', params, [flowFd]);
+    } finally {
+      this.#inflight--;
+      this.#queue.shift()?.();
+    }
     if (reply.fds.length !== 1) {
       this.#binding.closeAll(reply.fds);
       throw new ProtocolError('EFDFERRY_FDCOUNT', `an upgrade reply carries 1 fd, got ${reply.fds.length}`);
