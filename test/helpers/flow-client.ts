@@ -5,6 +5,9 @@
  *
  *   echo  --target ADDR:PORT --count N --bytes B [--concurrency C] [--local-port-base P]
  *         N connections, each sends B random bytes and reads the echo; prints one JSON line.
+ *   stream --target ADDR:PORT --seconds S
+ *         one connection streams random bytes for S seconds while reading the echo, then half-closes;
+ *         prints whether everything came back, byte for byte (sha256 both ways).
  *   hold  --target ADDR:PORT --count N [--local-port-base P]
  *         opens N connections, prints {"ready":N}; each stdin line "ping" makes every connection
  *         echo 16 bytes and prints {"pinged":ok,"failed":n}; stdin EOF closes them and prints the totals.
@@ -88,6 +91,33 @@ async function runEcho(): Promise<void> {
   console.log(JSON.stringify({ ok, failed, resets, ms: Date.now() - started, errors }));
 }
 
+async function runStream(): Promise<void> {
+  const seconds = Number(flag('seconds', '5'));
+  const socket = await connect(0);
+  const sent = crypto.createHash('sha256');
+  const received = crypto.createHash('sha256');
+  let sentBytes = 0;
+  let receivedBytes = 0;
+  socket.on('data', (chunk: Buffer) => {
+    received.update(chunk);
+    receivedBytes += chunk.length;
+  });
+  const ended = new Promise<void>((resolve) => socket.once('end', resolve).once('close', resolve));
+  const pool = crypto.randomBytes(4 << 20);
+  const stopAt = Date.now() + seconds * 1000;
+  while (Date.now() < stopAt && !socket.destroyed) {
+    const offset = crypto.randomInt(0, pool.length - 65_536);
+    const chunk = pool.subarray(offset, offset + 65_536);
+    sent.update(chunk);
+    sentBytes += chunk.length;
+    if (!socket.write(chunk)) await new Promise((resolve) => socket.once('drain', resolve));
+  }
+  socket.end();
+  await ended;
+  const ok = receivedBytes === sentBytes && received.digest('hex') === sent.digest('hex');
+  console.log(JSON.stringify({ ok, sentBytes, receivedBytes, resets, errors }));
+}
+
 async function runHold(): Promise<void> {
   const sockets: net.Socket[] = [];
   for (let i = 0; i < count; i += 100) {
@@ -107,4 +137,5 @@ async function runHold(): Promise<void> {
   setTimeout(() => process.exit(0), 200).unref();
 }
 
-await (mode === 'echo' ? runEcho() : mode === 'hold' ? runHold() : Promise.reject(new Error(`unknown mode ${mode}`)));
+const modes: Record<string, () => Promise<void>> = { echo: runEcho, stream: runStream, hold: runHold };
+await (modes[mode ?? ''] ?? (() => Promise.reject(new Error(`unknown mode ${mode}`))))();
