@@ -175,7 +175,7 @@ export class BumblebeeService implements Service {
       pending: this.#pending.size,
       limits: this.#flows.limits,
       tenants: this.#flows.tenants(),
-      counters: this.#counters,
+      flowCounters: this.#counters,
       environments: this.#pump.stats(),
       stopping: this.#stopping,
     };

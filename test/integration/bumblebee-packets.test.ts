@@ -5,7 +5,8 @@ import type { Test } from 'tap';
 import { BumblebeeClient } from '../../lib/client/bumblebee.js';
 import { loadNative } from '../../lib/native.js';
 import { ProtocolError } from '../../lib/protocol/errors.js';
-import { startDaemon } from '../helpers/daemon.js';
+import { execFileSync } from 'node:child_process';
+import { cliCommand, startDaemon } from '../helpers/daemon.js';
 import { Generations, reload } from '../helpers/restart.js';
 import { eventually, openRecorded, withDeadline, type Recorded } from '../helpers/native-helpers.js';
 import { ACK, PSH, SYN, addressBytes, mssOption, parseTcpPacket, tcpPacket, udpPacket, type ParsedSegment } from '../helpers/packets.js';
@@ -90,7 +91,7 @@ const setup = async (t: Test, args: string[] = []) => {
 };
 
 t.test('a hand-played IPv4 flow: NATed handshake, options kept, data both ways, checksums right', async (t) => {
-  const { client, status } = await setup(t, ['--mss-clamp', '1200']);
+  const { daemon, client, status } = await setup(t, ['--mss-clamp', '1200']);
   const flow = new HandFlow('10.9.0.2', '198.51.100.7', 40_000, 443);
   const { upgraded, synAck } = await flow.handshake(client);
   t.teardown(() => upgraded.socket.destroy());
@@ -125,6 +126,10 @@ t.test('a hand-played IPv4 flow: NATed handshake, options kept, data both ways, 
   t.equal(reply.payload.toString(), 'hello, client', 'server data reaches the flow socket');
   t.ok(reply.checksumsValid, 'with valid checksums');
   t.equal((await status()).flows, 1, 'status counts the flow');
+  const { command, args } = cliCommand();
+  const table = execFileSync(command, [...args, 'ctl', 'bumblebee', 'flows', '--socket', daemon.socket], { encoding: 'utf8' });
+  t.match(table, /10\.9\.0\.2:40000\s+198\.51\.100\.7:443\s+established/, '`fdferry ctl bumblebee flows` lists the flow with its addresses');
+  t.match(table, /1 flow\(s\)/);
   flow.ours.socket.close();
   t.ok(await until(async () => (await status()).flows === 0), 'closing the flow socket ends the flow');
 });
@@ -171,7 +176,7 @@ t.test('refused upgrades give the flow socket back unread, with a clear code', a
   );
   t.equal(closed?.code, 'EFDFERRY_CLOSED', 'a flow socket closed before its first packet is refused');
   binding.closeAll(closed?.fds ?? []);
-  t.equal((await status()).counters.refused, cases.length + 1, 'every refusal is counted');
+  t.equal((await status()).flowCounters.refused, cases.length + 1, 'every refusal is counted');
   t.equal((await status()).pending, 0, 'nothing is left pending');
 });
 
