@@ -77,7 +77,7 @@ async function until(condition: () => Promise<boolean>, ms = 5000): Promise<bool
 }
 
 const setup = async (t: Test, args: string[] = []) => {
-  const daemon = await startDaemon(t, 'bumblebee', ['--slots', '1000', ...args]);
+  const daemon = await startDaemon(t, 'bumblebee', args.includes('--slots') ? args : ['--slots', '1000', ...args]);
   const client = new BumblebeeClient({ owner: `packets-${process.pid}`, path: daemon.socket });
   await client.connect();
   t.teardown(() => client.close());
@@ -245,4 +245,37 @@ t.test('a flow survives a reload: its slot, its NAT and its packets waiting in t
   const second = await next.handshake(client);
   t.teardown(() => second.upgraded.socket.destroy());
   t.not(second.upgraded.internal.port === upgraded.internal.port && second.upgraded.internal.address === upgraded.internal.address, true, 'the successor never hands out the slot in use');
+});
+
+t.test('slots: a freed internal tuple waits out TIME_WAIT before reuse; idle flows are ended', async (t) => {
+  // Three slots, of which slot 0 is never used: two flows at once.
+  const { client, status } = await setup(t, ['--slots', '3', '--flow-idle-timeout', '400']);
+  const first = new HandFlow('10.9.1.1', '198.51.100.20', 1000, 80);
+  const second = new HandFlow('10.9.1.2', '198.51.100.20', 1000, 80);
+  const a = await first.handshake(client);
+  const b = await second.handshake(client);
+  t.teardown(() => {
+    a.upgraded.socket.destroy();
+    b.upgraded.socket.destroy();
+  });
+  t.not(a.upgraded.internal.port, b.upgraded.internal.port, 'two flows, two internal tuples');
+  const refuse = async (what: string) => {
+    const third = new HandFlow('10.9.1.3', '198.51.100.20', 1000, 80);
+    third.send(third.packet(SYN));
+    const error = await client.upgrade(third.theirs).then(
+      () => null,
+      (e: unknown) => e as ProtocolError,
+    );
+    t.equal(error?.code, 'EFDFERRY_SLOTS', `${what}: EFDFERRY_SLOTS`);
+    t.equal(error?.fds.length, 1, `${what}: the flow socket comes back`);
+    binding.closeAll(error?.fds ?? []);
+    third.ours.socket.close();
+  };
+  await refuse('both slots in use');
+  // Neither flow sends anything: the idle timeout ends both, and their slots go to quarantine.
+  t.ok(await until(async () => (await status()).flows === 0), 'idle flows are ended');
+  const counters = (await status()).flowCounters;
+  t.equal(counters['ended_idle-timeout'], 2, 'as idle-timeout');
+  t.equal((await status()).environments[0].slotsInQuarantine, 2, 'their slots are in quarantine');
+  await refuse('every free slot still in TIME_WAIT quarantine');
 });
