@@ -13,6 +13,8 @@ import { HANDOFF_FAULTS, type HandoffFault } from './handoff/spawn.js';
 import { Successor, takeSuccessorEnvironment } from './handoff/successor.js';
 import { createLogger } from './log.js';
 import { loadNative, type NativeBinding } from './native.js';
+import type { AccessPolicy } from './rpc/access.js';
+import type { QuotaLimits } from './rpc/quotas.js';
 import { ProtocolError } from './protocol/errors.js';
 import { DEFERRED, RpcServer, defineMethod, type MethodTable, type ServerLimits } from './rpc/server.js';
 import type { MailboxLimits } from './rpc/mailbox.js';
@@ -23,6 +25,12 @@ import { VERSION } from './version.js';
 export interface CommonDaemonOptions {
   socket: string;
   socketMode: number;
+  socketOwner?: number;
+  socketGroup?: number;
+  /** Who may connect and who may use control operations (see lib/rpc/access.ts). */
+  access?: AccessPolicy;
+  quotas?: QuotaLimits;
+  helloTimeoutMs?: number;
   logLevel: LevelWithSilent;
   maxConnections: number;
   maxInflight: number;
@@ -49,6 +57,8 @@ export interface Service extends HandoffParticipant {
   readonly name: string;
   /** Methods clients may call, beyond the built-in hello/ping/ack/status/reload. */
   methods(): MethodTable;
+  /** Which of its methods only control peers may call (reload is always one). */
+  readonly controlMethods?: readonly string[];
   /**
    * Called once when the daemon starts fresh (not as a successor), before it listens: where a service
    * builds what a successor would import instead (Bumblebee's network environments).
@@ -93,6 +103,8 @@ export async function runDaemon(
     mailbox: { maxPerOwner: options.mailboxMaxPerOwner, maxTotal: options.mailboxMaxTotal, maxAgeMs: options.mailboxMaxAgeMs },
   };
   const methods: MethodTable = {};
+  // Filled once the service exists (it names its own control methods); the server reads it per request.
+  const controlMethods: string[] = ['reload'];
   const server = new RpcServer({
     binding,
     logger: log,
@@ -102,9 +114,16 @@ export async function runDaemon(
     methods,
     limits,
     socketMode: options.socketMode,
+    ...(options.socketOwner === undefined ? {} : { socketOwner: options.socketOwner }),
+    ...(options.socketGroup === undefined ? {} : { socketGroup: options.socketGroup }),
+    ...(options.access ? { access: options.access } : {}),
+    ...(options.quotas ? { quotas: options.quotas } : {}),
+    helloTimeoutMs: options.helloTimeoutMs ?? 0,
+    controlMethods,
   });
   const context: DaemonContext = { log, binding, server, generation };
   const service = createService(context);
+  controlMethods.push(...(service.controlMethods ?? []));
   const predecessor = new Predecessor({
     binding,
     log,

@@ -15,8 +15,10 @@ import { MessageCodec, DEFAULT_MAX_BODY_BYTES, type Message, type RequestMessage
 import { ProtocolError } from '../protocol/errors.js';
 import { fdKindMismatch, type FdKind } from '../protocol/fd-kinds.js';
 import { MAX_FDS_PER_MESSAGE, MAX_INLINE_BODY, PROTOCOL_VERSION } from '../protocol/frame.js';
+import { accessOf, defaultAccessPolicy, peerExecutable, peerGroups, type AccessPolicy } from './access.js';
 import { Channel, type ChannelBinding } from './channel.js';
 import { Mailbox, type ExpiryReason, type MailboxEntry, type MailboxLimits } from './mailbox.js';
+import { DEFAULT_QUOTAS, Quotas, type QuotaLimits } from './quotas.js';
 import { ensureSocketDirectory, isAbstract, toNativeAddress } from './socket-path.js';
 
 /** What the server knows about a connected client. */
@@ -28,6 +30,8 @@ export interface ConnectionInfo {
   /** `<uid>:<owner>`: owner ids are scoped to the peer's uid, so nobody collects another user's results. */
   ownerKey: string | null;
   readonly connectedAt: number;
+  /** Whether the peer is on the control allow-list (reload, metrics, other people's tasks). */
+  readonly control: boolean;
 }
 
 /** How many fds a method takes, and of what kind. */
@@ -109,12 +113,26 @@ export interface RpcServerOptions {
   limits?: Partial<Omit<ServerLimits, 'mailbox'>> & { mailbox?: Partial<MailboxLimits> };
   /** Unix mode for a filesystem socket path. */
   socketMode?: number;
+  /** Owner and group of a filesystem socket path (default: left as created, i.e. the daemon's). */
+  socketOwner?: number;
+  socketGroup?: number;
+  /** Who may connect, and who may use control methods (default: root and the daemon's own uid). */
+  access?: AccessPolicy;
+  /** Methods only control peers may call. */
+  controlMethods?: readonly string[];
+  quotas?: Partial<QuotaLimits>;
+  /** A connection that has not said hello by then is closed (0 = never). */
+  helloTimeoutMs?: number;
 }
 
 /** Counters the server keeps; exported through status and metrics. */
 export interface ServerCounters {
   connectionsAccepted: number;
   connectionsRefused: number;
+  /** Connections from peers not on the allow-list. */
+  connectionsDenied: number;
+  /** Requests refused for a quota (rate, fds in flight). */
+  quotaRefusals: number;
   requests: number;
   errors: number;
   faults: number;
@@ -164,6 +182,8 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
   readonly counters: ServerCounters = {
     connectionsAccepted: 0,
     connectionsRefused: 0,
+    connectionsDenied: 0,
+    quotaRefusals: 0,
     requests: 0,
     errors: 0,
     faults: 0,
@@ -181,9 +201,15 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
   #boundPath: string | null = null;
   #nextConnectionId = 1;
   #lastExhaustionLog = 0;
+  readonly #lastQuotaLog = new Map<string, number>();
   #sweepTimer: NodeJS.Timeout | null = null;
   #paused = false;
   #inflightSettled: (() => void) | null = null;
+  readonly #access: AccessPolicy;
+  /** Read per request: the daemon adds its service's control methods after the server exists. */
+  readonly #controlMethods: readonly string[];
+  /** Per-uid and per-owner quotas. */
+  readonly quotas: Quotas;
 
   constructor(options: RpcServerOptions) {
     super();
@@ -195,6 +221,9 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
     };
     this.#codec = new MessageCodec(options.binding, { maxBodyBytes: this.#limits.maxBodyBytes });
     this.#log = options.logger;
+    this.#access = options.access ?? defaultAccessPolicy();
+    this.#controlMethods = options.controlMethods ?? [];
+    this.quotas = new Quotas({ ...DEFAULT_QUOTAS, ...options.quotas });
     this.#mailbox = new Mailbox({
       limits: this.#limits.mailbox,
       closeFds: (fds) => options.binding.closeAll(fds),
@@ -212,6 +241,9 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
     const fd = this.#options.binding.seqpacketListen(native, 511);
     if (!isAbstract(address)) {
       fs.chmodSync(address, this.#options.socketMode ?? 0o660);
+      if (this.#options.socketOwner !== undefined || this.#options.socketGroup !== undefined) {
+        fs.chownSync(address, this.#options.socketOwner ?? -1, this.#options.socketGroup ?? -1);
+      }
       this.#boundPath = address;
     }
     this.adoptListener(fd);
@@ -221,7 +253,10 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
   adoptListener(fd: number): void {
     if (this.#listener) throw new Error('this server is already listening');
     this.#listener = this.#options.binding.openListener(fd, (error, connectionFd) => this.#onAccept(error, connectionFd));
-    this.#sweepTimer = setInterval(() => this.#mailbox.sweep(), Math.min(60_000, this.#limits.mailbox.maxAgeMs / 4));
+    this.#sweepTimer = setInterval(() => {
+      this.#mailbox.sweep();
+      this.quotas.sweep();
+    }, Math.min(60_000, this.#limits.mailbox.maxAgeMs / 4));
     this.#sweepTimer.unref();
   }
 
@@ -232,12 +267,13 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
 
   /** Connected clients. */
   connections(): ConnectionInfo[] {
-    return [...this.#connections.values()].map(({ id, peer, owner, ownerKey, connectedAt }) => ({
+    return [...this.#connections.values()].map(({ id, peer, owner, ownerKey, connectedAt, control }) => ({
       id,
       peer,
       owner,
       ownerKey,
       connectedAt,
+      control,
     }));
   }
 
@@ -418,6 +454,15 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
     this.#open(fd);
   }
 
+  /** Logs quota refusals once per interval per limit: a client hammering a quota must not flood the log. */
+  #warnQuota(connection: Connection, error: ProtocolError): void {
+    const limit = String(error.details?.limit ?? error.code);
+    const now = Date.now();
+    if (now - (this.#lastQuotaLog.get(limit) ?? 0) < EXHAUSTION_LOG_INTERVAL_MS) return;
+    this.#lastQuotaLog.set(limit, now);
+    connection.log.warn({ limit, quotaRefusals: this.counters.quotaRefusals }, `request refused: ${error.message}`);
+  }
+
   #warnFdExhaustion(code: string, message: string): void {
     const now = Date.now();
     if (now - this.#lastExhaustionLog < EXHAUSTION_LOG_INTERVAL_MS) return;
@@ -445,9 +490,21 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
       channel.close();
       return null;
     }
+    // Checked before a single message is read: a peer that may not use the daemon learns nothing from it.
+    const access = accessOf(this.#access, peer, peerGroups(peer.pid));
+    if (!access.connect) {
+      this.#deny(channel, peer, `uid ${peer.uid} (gid ${peer.gid}) is not allowed to use this daemon`, 'not on the allow-list');
+      return null;
+    }
+    if (!restored && !this.quotas.connect(peer.uid)) {
+      this.#deny(channel, peer, `uid ${peer.uid} already has ${this.quotas.limits.maxConnectionsPerUid} connections open`, 'too many connections for its uid', 'EFDFERRY_LIMIT');
+      return null;
+    }
+    if (restored) this.quotas.connect(peer.uid);
     const id = this.#nextConnectionId++;
     const connection: Connection = {
       id,
+      control: access.control,
       peer,
       owner: restored?.owner ?? null,
       ownerKey: restored?.ownerKey ?? null,
@@ -477,13 +534,39 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
       if (!this.#paused) channel.setReading(true);
       this.#inflightSettled?.();
     });
+    const helloTimeoutMs = this.#options.helloTimeoutMs ?? 0;
+    const helloTimer =
+      helloTimeoutMs > 0 && connection.ownerKey === null
+        ? setTimeout(() => {
+            if (connection.ownerKey !== null || channel.closed) return;
+            connection.log.info({ helloTimeoutMs }, 'connection closed: no hello in time');
+            channel.close();
+          }, helloTimeoutMs).unref()
+        : null;
     channel.on('close', (error) => {
+      if (helloTimer) clearTimeout(helloTimer);
+      this.quotas.disconnect(peer.uid);
       this.#connections.delete(id);
       if (connection.ownerKey && this.#owners.get(connection.ownerKey) === connection) this.#passOwnership(connection.ownerKey);
       connection.log.debug({ err: error ?? undefined }, 'connection closed');
       this.emit('disconnect', connection);
     });
     return connection;
+  }
+
+  /**
+   * Refuses a connection before reading from it: one connection-level error (request id 0) says why, then
+   * it is closed. Logged with who the peer is, once per connection.
+   */
+  #deny(channel: Channel, peer: PeerCredentials, message: string, why: string, code: 'EFDFERRY_DENIED' | 'EFDFERRY_LIMIT' = 'EFDFERRY_DENIED'): void {
+    this.counters.connectionsDenied++;
+    this.#log.warn({ peerPid: peer.pid, peerUid: peer.uid, peerGid: peer.gid, peerExe: peerExecutable(peer.pid) }, `connection refused: ${why}`);
+    try {
+      channel.send({ type: 'error', requestId: 0, error: { code, message }, fds: [] });
+    } catch {
+      // The peer is already gone: nothing to tell.
+    }
+    channel.close();
   }
 
   /**
@@ -515,6 +598,17 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
       );
       return;
     }
+    const uid = connection.peer.uid;
+    const ownerKey = connection.ownerKey;
+    const fdCount = message.fds.length;
+    try {
+      this.quotas.admit(uid, ownerKey, fdCount);
+    } catch (error) {
+      this.counters.quotaRefusals++;
+      this.#warnQuota(connection, error as ProtocolError);
+      this.#reject(connection, message.requestId, error as ProtocolError, message.fds);
+      return;
+    }
     connection.inflight++;
     this.#dispatch(connection, message)
       .then(
@@ -529,6 +623,7 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
         },
       )
       .finally(() => {
+        this.quotas.settle(uid, ownerKey, fdCount);
         connection.inflight--;
         this.#inflightSettled?.();
       });
@@ -546,6 +641,10 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
     const method = this.#options.methods[name];
     if (!method || !Object.hasOwn(this.#options.methods, name)) {
       throw new ProtocolError('EFDFERRY_METHOD', `unknown method "${name}"`, { methods: this.methodNames() });
+    }
+    if (this.#controlMethods.includes(name) && !connection.control) {
+      connection.log.warn({ method: name, peerGid: connection.peer.gid, peerExe: peerExecutable(connection.peer.pid) }, 'control method refused: peer not on the control allow-list');
+      throw new ProtocolError('EFDFERRY_DENIED', `uid ${connection.peer.uid} may not call "${name}" (not on the control allow-list)`);
     }
     const fdDescriptions = this.#checkFds(method.fds ?? { min: 0, max: 0, kind: 'any' }, fds);
     const parsed: unknown = method.parse ? method.parse(params) : params;

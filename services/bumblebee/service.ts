@@ -129,8 +129,8 @@ export class BumblebeeService implements Service {
         handle: ({ connection }) => {
           const byId = new Map(this.#pump.snapshot().map((row) => [row.flowId, row]));
           const now = Date.now();
-          // Root sees every flow; anyone else only the flows their uid handed over.
-          const visible = this.#flows.all().filter((flow) => connection.peer.uid === 0 || flow.peer.uid === connection.peer.uid);
+          // Control peers see every flow; anyone else only the flows their uid handed over.
+          const visible = this.#flows.all().filter((flow) => connection.control || flow.peer.uid === connection.peer.uid);
           const flows = visible.map((flow) => {
             const row = byId.get(flow.flowId);
             return {
@@ -159,7 +159,7 @@ export class BumblebeeService implements Service {
         },
         handle: ({ params, connection }) => {
           const flow = this.#flows.byTaskId(params.taskId);
-          const allowed = flow && (flow.ownerKey === connection.ownerKey || connection.peer.uid === 0 || connection.peer.uid === flow.peer.uid);
+          const allowed = flow && (flow.ownerKey === connection.ownerKey || connection.control || connection.peer.uid === flow.peer.uid);
           if (!flow || !allowed) throw new ProtocolError('EFDFERRY_NOTFOUND', `no flow ${params.taskId} of yours is running`);
           this.#pump.end(flow.flowId);
           return { result: { taskId: flow.taskId, cancelling: true } };

@@ -103,20 +103,21 @@ export class SplicerService implements Service {
         },
         handle: ({ params, connection }) => {
           const task = this.#tasks.byTaskId(params.taskId);
-          // The owner, the uid that handed it over, or root may cancel. Anyone else is told it does not
+          // The owner, the uid that handed it over, or a control peer may cancel. Anyone else is told it does not
           // exist: ids must not reveal what others run.
-          const allowed = task && (task.ownerKey === connection.ownerKey || connection.peer.uid === 0 || connection.peer.uid === task.peer.uid);
+          const allowed = task && (task.ownerKey === connection.ownerKey || connection.control || connection.peer.uid === task.peer.uid);
           if (!task || !allowed) throw new ProtocolError('EFDFERRY_NOTFOUND', `no relay ${params.taskId} of yours is running`);
           this.#engine.cancel(task.engineId);
           return { result: { taskId: task.taskId, cancelling: true } };
         },
       }),
       tasks: defineMethod({
-        handle: () => {
+        handle: ({ connection }) => {
           const now = Date.now();
           const tasks = this.#engine.snapshot().flatMap((relay) => {
             const task = this.#tasks.byEngineId(relay.id);
-            if (!task) return [];
+            // Control peers see every relay; anyone else only those their uid handed over.
+            if (!task || !(connection.control || task.peer.uid === connection.peer.uid)) return [];
             return [
               {
                 taskId: task.taskId,

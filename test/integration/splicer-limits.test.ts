@@ -268,7 +268,7 @@ t.test('--max-tasks: the relay beyond the limit is refused with its sockets back
 t.test('--max-tasks-per-owner and --max-tasks-per-uid: each refusal names its limit; other owners and uids go on', async (t) => {
   const dir = tempDir(t);
   fs.chmodSync(dir, 0o777);
-  const daemon = await startDaemon(t, 'splicer', ['--max-tasks', '3', '--max-tasks-per-owner', '1', '--max-tasks-per-uid', '2', '--socket-mode', '0666'], { dir });
+  const daemon = await startDaemon(t, 'splicer', ['--max-tasks', '3', '--max-tasks-per-owner', '1', '--max-tasks-per-uid', '2', '--socket-mode', '0666', '--allow-uid', `0,${NOBODY}`], { dir });
   const pairs = new PairFactory(t, binding);
   const tryRelay = async (client: SplicerClient<'fd'>) => {
     const left = await pairs.pair('unix');

@@ -46,6 +46,8 @@ const setup = (t: Test, limits: ConstructorParameters<typeof RpcServer>[0]['limi
     version: '0.0.0',
     methods: methods(() => server),
     limits,
+    // The fake's clients are uids 1000 and 2000.
+    access: { allowUids: [1000, 2000], allowGids: [], controlUids: [], controlGids: [] },
   });
   server.listen(address);
   const clients: RpcClient[] = [];
