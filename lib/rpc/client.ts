@@ -170,6 +170,9 @@ export class RpcClient extends EventEmitter<RpcClientEvents> {
     this.#channel?.close();
   }
 
+  /** Why the daemon refused this connection (an error with request id 0), until the close that follows. */
+  #connectionError: ProtocolError | null = null;
+
   async #open(): Promise<HelloResult> {
     const fd = this.#options.binding.seqpacketConnect(toNativeAddress(this.#options.path));
     const channel = new Channel(fd, this.#options.binding);
@@ -206,6 +209,13 @@ export class RpcClient extends EventEmitter<RpcClientEvents> {
       try {
         channel.send({ type: 'request', requestId, method, params, fds });
       } catch (error) {
+        const code = (error as NodeJS.ErrnoException).code;
+        if (code === 'EPIPE' || code === 'ECONNRESET') {
+          // The daemon closed first. What it said before closing (why it refused us) is still waiting to be
+          // read: let the close that follows answer this request, with that reason.
+          this.#pending.set(requestId, pending);
+          return;
+        }
         const protocolError =
           error instanceof ProtocolError ? error : new ProtocolError('EFDFERRY_DISCONNECTED', (error as Error).message);
         protocolError.fds = fds;
@@ -257,7 +267,11 @@ export class RpcClient extends EventEmitter<RpcClientEvents> {
         // The originals we held are complete even if the returned copies were cut short in transit.
         binding.closeAll(message.fds);
         if (!pending) {
-          this.#reportError(new ProtocolError(code, `daemon: ${message.error.message}`, message.error.details));
+          const error = new ProtocolError(code, `daemon: ${message.error.message}`, message.error.details);
+          // Request id 0 is about the connection (refused: not allowed, too many): the close that follows
+          // fails whatever is pending with this reason rather than a bare "disconnected".
+          if (message.requestId === 0) this.#connectionError = error;
+          this.#reportError(error);
           return;
         }
         pending.reject(new ProtocolError(code, message.error.message, message.error.details, pending.heldFds));
@@ -302,10 +316,14 @@ export class RpcClient extends EventEmitter<RpcClientEvents> {
     if (this.#channel !== channel) return;
     this.#channel = null;
     this.#hello = null;
+    const reason = this.#connectionError;
+    this.#connectionError = null;
     for (const requestId of [...this.#pending.keys()]) {
       const pending = this.#settle(requestId)!;
       pending.reject(
-        new ProtocolError('EFDFERRY_DISCONNECTED', `connection closed before "${pending.method}" was answered`, undefined, pending.heldFds),
+        reason
+          ? new ProtocolError(reason.code, reason.message.replace(/^daemon: /, ''), reason.details, pending.heldFds)
+          : new ProtocolError('EFDFERRY_DISCONNECTED', `connection closed before "${pending.method}" was answered`, undefined, pending.heldFds),
       );
     }
     this.emit('disconnect', error);

@@ -42,9 +42,9 @@ t.test('quotas: request rate, fds in flight per uid and owner, connections per u
   t.doesNotThrow(() => quotas.admit(1, null, 0), 'tokens come back with time (5/s: 2 after 400 ms)');
   now += 10_000;
   quotas.admit(1, '1:a', 6);
-  t.throws(() => quotas.admit(1, '1:a', 1), { details: { limit: 'maxFdsInflightPerOwner' } }, 'the owner is at its 6 fds');
+  t.throws(() => quotas.admit(1, '1:a', 1), { code: 'EFDFERRY_LIMIT', details: { limit: 'maxFdsInflightPerOwner' } }, 'the owner is at its 6 fds');
   quotas.admit(1, '1:b', 4);
-  t.throws(() => quotas.admit(1, '1:c', 1), { details: { limit: 'maxFdsInflightPerUid' } }, 'the uid is at its 10 fds');
+  t.throws(() => quotas.admit(1, '1:c', 1), { code: 'EFDFERRY_LIMIT', details: { limit: 'maxFdsInflightPerUid' } }, 'the uid is at its 10 fds');
   quotas.settle(1, '1:a', 6);
   t.doesNotThrow(() => quotas.admit(1, '1:c', 5), 'answered requests give their fds back to the books');
   t.same(quotas.snapshot().fdsInflightPerUid, { 1: 9 });
