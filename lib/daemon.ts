@@ -18,7 +18,9 @@ import type { QuotaLimits } from './rpc/quotas.js';
 import { ProtocolError } from './protocol/errors.js';
 import { DEFERRED, RpcServer, defineMethod, type MethodTable, type ServerLimits } from './rpc/server.js';
 import type { MailboxLimits } from './rpc/mailbox.js';
+import { chooseListener, takeListenFds } from './systemd/activation.js';
 import { Notifier } from './systemd/notify.js';
+import { startWatchdog } from './systemd/watchdog.js';
 import { VERSION } from './version.js';
 
 /** Options every daemon takes (each has a flag and a config-file key). */
@@ -90,6 +92,8 @@ export async function runDaemon(
   const hangup = () => onHangup();
   process.on('SIGHUP', hangup);
 
+  // Taken by every process, so that no child inherits them; only a fresh start may use them.
+  const passedFds = takeListenFds(binding);
   const successorEnvironment = takeSuccessorEnvironment();
   const generation = successorEnvironment?.generation ?? 1;
   const log = createLogger({ service: serviceName, level: options.logLevel, generation });
@@ -135,6 +139,29 @@ export async function runDaemon(
     timeoutMs: options.handoffTimeoutMs,
   });
 
+  let watchdog: ReturnType<typeof startWatchdog> = null;
+  /** STATUS= for `systemctl status`: one line with the counts that matter, refreshed while live. */
+  const statusLine = () => {
+    const figures = service.status();
+    const tasks = figures.tasks ?? figures.flows;
+    return `generation ${generation}: ${server.connections().length} connections${typeof tasks === 'number' ? `, ${tasks} ${figures.tasks !== undefined ? 'tasks' : 'flows'}` : ''}`;
+  };
+  let statusTimer: NodeJS.Timeout | null = null;
+  const becomeLive = () => {
+    watchdog = startWatchdog(notifier);
+    if (watchdog) log.info({ intervalMs: watchdog.intervalMs }, 'pinging the service manager\'s watchdog');
+    if (notifier.enabled) {
+      statusTimer = setInterval(() => notifier.send({ STATUS: statusLine() }), 10_000);
+      statusTimer.unref();
+    }
+  };
+  const stopBeingLive = () => {
+    watchdog?.stop();
+    watchdog = null;
+    if (statusTimer) clearInterval(statusTimer);
+    statusTimer = null;
+  };
+
   let resolveStopped!: () => void;
   const stopped = new Promise<void>((resolve) => (resolveStopped = resolve));
   let stopping: Promise<void> | null = null;
@@ -142,6 +169,7 @@ export async function runDaemon(
   /** A hand-over ended: exit if the successor took over, otherwise answer whoever asked. */
   const handoffFinished = (report: HandoffReport, requester: Requester | null) => {
     if (report.ok) {
+      stopBeingLive();
       notifier.close();
       process.off('SIGHUP', hangup);
       process.off('SIGTERM', onTerm);
@@ -208,6 +236,7 @@ export async function runDaemon(
         await predecessor.abort(reason);
         if (predecessor.committed) return; // the successor runs the show now; handoffFinished ends us
       }
+      stopBeingLive();
       notifier.send({ STOPPING: 1, STATUS: `stopping: ${reason}` });
       log.info({ reason }, 'stopping: no new work; finishing tasks');
       try {
@@ -251,6 +280,7 @@ export async function runDaemon(
       const resumedAt = Date.now();
       notifier.send({ MAINPID: process.pid, READY: 1, STATUS: `generation ${generation}: took over ${adopted.tasks} tasks` });
       await notifier.barrier();
+      becomeLive();
       const pauseMs = resumedAt - adopted.pausedAt;
       const previous = adopted.predecessorReport;
       const report: HandoffReport = {
@@ -278,9 +308,19 @@ export async function runDaemon(
     }
   } else {
     service.start?.();
-    server.listen(options.socket);
+    if (passedFds) {
+      const chosen = chooseListener(binding, passedFds, serviceName);
+      const others = passedFds.filter((passed) => passed !== chosen);
+      if (others.length) log.warn({ fds: others.map((other) => other.name) }, 'socket activation passed fds this daemon does not use: closed');
+      binding.closeAll(others.map((other) => other.fd));
+      server.adoptListener(chosen.fd);
+      log.info({ name: chosen.name, fd: chosen.fd }, 'adopted the listening socket from the service manager');
+    } else {
+      server.listen(options.socket);
+    }
     notifier.send({ READY: 1, STATUS: `generation ${generation}: listening` });
-    log.info({ socket: options.socket, version: VERSION, node: process.version }, `${serviceName} listening`);
+    becomeLive();
+    log.info({ socket: passedFds ? '(socket activation)' : options.socket, version: VERSION, node: process.version }, `${serviceName} listening`);
   }
   return { context, stop, stopped };
 }

@@ -8,49 +8,16 @@ import { isRunning } from '../../lib/process.js';
 import { isDaemonOn } from '../helpers/restart.js';
 import type { Test } from 'tap';
 import { spawn } from 'node:child_process';
-import path from 'node:path';
 import type { HandoffReport } from '../../lib/handoff/predecessor.js';
 import { loadNative } from '../../lib/native.js';
 import { cliCommand, startDaemon, tempDir, type TestDaemon } from '../helpers/daemon.js';
-import { eventually, Inbox, withDeadline } from '../helpers/native-helpers.js';
+import { eventually, withDeadline } from '../helpers/native-helpers.js';
+import { notifySocket, type Notification } from '../helpers/notify-socket.js';
 
 t.setTimeout(60_000);
 const binding = loadNative();
 /** How long the test, playing systemd, keeps the barrier fd before closing it. */
 const BARRIER_HOLD_MS = 300;
-
-/** One datagram: its fields in order, the fds that came with it, and when it arrived. */
-interface Notification {
-  lines: string[];
-  fields: Record<string, string>;
-  fds: number[];
-  at: number;
-}
-
-/** A bound datagram socket standing in for systemd's notify socket. */
-function notifySocket(t: Test, dir: string, onMessage?: (message: Notification) => void) {
-  const address = path.join(dir, 'notify.sock');
-  const received = new Inbox<Notification>();
-  const faults: string[] = [];
-  const socket = binding.openSeqpacket(binding.datagramBind(address), {
-    message(data, fds, fault) {
-      if (fault) faults.push(JSON.stringify(fault));
-      const lines = data.toString('utf8').split('\n').filter((line) => line.length > 0);
-      const fields = Object.fromEntries(lines.map((line) => [line.slice(0, line.indexOf('=')), line.slice(line.indexOf('=') + 1)]));
-      const message = { lines, fields, fds, at: Date.now() };
-      received.push(message);
-      onMessage?.(message);
-    },
-    drain: () => undefined,
-    close: () => undefined,
-  });
-  t.teardown(() => {
-    socket.close();
-    // Fds the test did not close on purpose (a barrier it never saw through) must not outlive it.
-    for (const message of received.items) binding.closeAll(message.fds);
-  });
-  return { address, received, faults };
-}
 
 /** At teardown, SIGKILLs every process that logged on the daemon's stdout (successors) and still runs it. */
 function killSuccessorsAtTeardown(t: Test, daemon: TestDaemon, extra: () => Array<number | null | undefined>) {
