@@ -60,6 +60,8 @@ await yargs(hideBin(process.argv))
         .option('timeout', { type: 'number', default: 30_000, describe: 'ms to wait for the reply' })
         .option('wait', { type: 'boolean', default: true, describe: 'reload: return only when the hand-over is done (exit 1 if it failed)' })
         .option('fault', { type: 'string', describe: 'reload: make the successor fail on purpose (tests; needs --allow-fault-injection)' })
+        .option('owner', { type: 'string', describe: 'drain: the owner id whose relays end' })
+        .option('uid', { type: 'number', describe: 'drain: the uid that owner id belongs to (default: yours)' })
         .epilog(Object.entries(CTL_COMMANDS).map(([name, text]) => `  ${name.padEnd(8)} ${text}`).join('\n')),
     async (argv) => {
       process.exitCode = await runCtl({
@@ -71,6 +73,8 @@ await yargs(hideBin(process.argv))
         timeoutMs: argv.timeout,
         wait: argv.wait,
         ...(argv.fault ? { fault: argv.fault } : {}),
+        ...(argv.owner ? { owner: argv.owner } : {}),
+        ...(argv.uid === undefined ? {} : { uid: argv.uid }),
       }).catch(fail);
     },
   )

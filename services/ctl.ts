@@ -10,6 +10,7 @@ export const CTL_COMMANDS = {
   tasks: 'Splicer: every running relay: owner, peer pid/uid, age, bytes each way, state',
   flows: 'Bumblebee: every flow: owner, tenant, client -> destination, state, packets each way, idle time',
   cancel: 'end a task now (its envelope goes to its owner): ctl <service> cancel <taskId>',
+  drain: 'Splicer: end every relay of an owner (envelopes go to it): ctl splicer drain --owner <id> [--uid <uid>]',
   ping: 'check that the daemon answers',
   reload: 'hand everything over to a fresh process (zero downtime); with --wait (default) report when done',
 } as const;
@@ -26,6 +27,9 @@ export interface CtlArguments {
   wait?: boolean;
   /** reload: a fault for the successor to commit (tests; the daemon must allow it). */
   fault?: string;
+  /** drain: the owner id, and the uid it belongs to (default: ours). */
+  owner?: string;
+  uid?: number;
 }
 
 /** Runs one ctl command; resolves with the process exit code. */
@@ -51,6 +55,11 @@ export async function runCtl(options: CtlArguments): Promise<number> {
     if (options.command === 'cancel') {
       if (options.args.length !== 1) throw new Error('cancel takes one task id');
       params.taskId = options.args[0];
+    }
+    if (options.command === 'drain') {
+      if (!options.owner) throw new Error('drain needs --owner <id>');
+      params.owner = options.owner;
+      if (options.uid !== undefined) params.uid = options.uid;
     }
     if (options.command === 'reload') {
       params.wait = options.wait ?? true;

@@ -38,6 +38,8 @@ export const ENVELOPE_EVENT = 'envelope';
 /** The Splicer service. */
 export class SplicerService implements Service {
   readonly name = 'splicer';
+  /** Ending every relay of an owner is an operator's act, not a client's. */
+  readonly controlMethods = ['drain'];
   readonly #context: DaemonContext;
   readonly #options: SplicerOptions;
   readonly #engine: SpliceEngine;
@@ -109,6 +111,23 @@ export class SplicerService implements Service {
           if (!task || !allowed) throw new ProtocolError('EFDFERRY_NOTFOUND', `no relay ${params.taskId} of yours is running`);
           this.#engine.cancel(task.engineId);
           return { result: { taskId: task.taskId, cancelling: true } };
+        },
+      }),
+      drain: defineMethod({
+        parse: (params) => {
+          if (typeof params.owner !== 'string' || params.owner.length === 0) throw new ProtocolError('EFDFERRY_INVALID', '"owner" must be an owner id');
+          if (params.uid !== undefined && (typeof params.uid !== 'number' || !Number.isSafeInteger(params.uid) || params.uid < 0)) {
+            throw new ProtocolError('EFDFERRY_INVALID', '"uid" must be a uid');
+          }
+          return { owner: params.owner, uid: params.uid as number | undefined };
+        },
+        handle: ({ params, connection, log }) => {
+          // Owner ids are scoped to a uid: the caller's own unless it names another.
+          const ownerKey = `${params.uid ?? connection.peer.uid}:${params.owner}`;
+          const tasks = this.#tasks.all().filter((task) => task.ownerKey === ownerKey);
+          for (const task of tasks) this.#engine.cancel(task.engineId);
+          log.info({ ownerKey, relays: tasks.length }, 'drain: ending every relay of an owner');
+          return { result: { owner: params.owner, uid: params.uid ?? connection.peer.uid, draining: tasks.length } };
         },
       }),
       tasks: defineMethod({

@@ -174,17 +174,21 @@ t.test('5,000 connections that never send and clients stalled mid-message block 
   const silent: number[] = [];
   t.teardown(() => binding.closeAll(silent));
   const native = daemon.socket;
-  while (silent.length < 5000) {
-    try {
-      silent.push(binding.seqpacketConnect(native));
-    } catch (error) {
-      // The listen backlog is full: let the daemon accept what is queued (pacing, not a wait on a result).
-      if ((error as NodeJS.ErrnoException).code !== 'EAGAIN') throw error;
-      await new Promise((resolve) => setTimeout(resolve, 5));
+  const connect = async (): Promise<number> => {
+    for (;;) {
+      try {
+        return binding.seqpacketConnect(native);
+      } catch (error) {
+        // The listen backlog is full: let the daemon accept what is queued (pacing, not a wait on a result).
+        if ((error as NodeJS.ErrnoException).code !== 'EAGAIN') throw error;
+        await new Promise((resolve) => setTimeout(resolve, 5));
+      }
     }
-  }
+  };
+  while (silent.length < 5000) silent.push(await connect());
   // Half a header, then nothing: SOCK_SEQPACKET delivers it as one short message, refused at once.
-  const stalled = Array.from({ length: 50 }, () => binding.openSeqpacket(binding.seqpacketConnect(native), { message() {}, drain() {}, close() {} }));
+  const stalled: ReturnType<typeof binding.openSeqpacket>[] = [];
+  for (let i = 0; i < 50; i++) stalled.push(binding.openSeqpacket(await connect(), { message() {}, drain() {}, close() {} }));
   for (const s of stalled) s.send(Buffer.from('F'), []);
   t.teardown(() => stalled.forEach((s) => s.close()));
   const observer = await control(t, daemon);
@@ -201,4 +205,33 @@ t.test('5,000 connections that never send and clients stalled mid-message block 
     if (connections > 1) await new Promise((resolve) => setTimeout(resolve, 200));
   }
   t.equal(connections, 1, 'connections that never said hello are closed after --hello-timeout; only ours is left');
+});
+
+t.test('drain ends every relay of one owner, and only control peers may ask for it', async (t) => {
+  const { daemon, dir } = await openDaemon(t, 'splicer', ['--allow-uid', `0,${NOBODY}`]);
+  const pairs = new PairFactory(t, binding);
+  const owner = (name: string) => new SplicerClient({ owner: `${name}-${process.pid}`, path: daemon.socket, sockets: 'fd' });
+  const a = owner('a');
+  const b = owner('b');
+  await Promise.all([a.connect(), b.connect()]);
+  t.teardown(() => {
+    a.close();
+    b.close();
+  });
+  const start = async (client: SplicerClient<'fd'>) => {
+    const left = await pairs.pair('unix');
+    const right = await pairs.pair('unix');
+    return client.start(left.far, right.far);
+  };
+  const ofA = await Promise.all([start(a), start(a), start(a)]);
+  const ofB = await start(b);
+  const denied = await probeAs(NOBODY, dir, daemon.socket, 'guest', 'drain', { owner: `a-${process.pid}`, uid: 0 });
+  t.equal(denied.method, 'EFDFERRY_DENIED', 'a peer that may only use the daemon cannot drain');
+  const { stdout } = await run(process.execPath, ['--import', 'tsx', path.join(root, 'services', 'cli.ts'), 'ctl', 'splicer', 'drain', '--owner', `a-${process.pid}`, '--json', '--socket', daemon.socket], { cwd: root });
+  t.match(JSON.parse(stdout), { draining: 3 }, '`fdferry ctl splicer drain --owner` ends its three relays');
+  const envelopes = await withDeadline(Promise.all(ofA.map((relay) => relay.done)), 10_000, 'the drained envelopes');
+  t.same(envelopes.map((e) => e.envelope.reason), ['cancelled', 'cancelled', 'cancelled'], 'each comes back to its owner as cancelled');
+  for (const e of envelopes) binding.closeAll([e.a, e.b]);
+  const tasks = (await (await control(t, daemon)).request('tasks')).result.tasks as Array<{ taskId: string }>;
+  t.same(tasks.map((task) => task.taskId), [ofB.taskId], 'the other owner\'s relay runs on');
 });
