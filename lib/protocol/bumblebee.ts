@@ -40,6 +40,7 @@ const KNOWN = new Set(['context', 'tenant']);
 
 /** Validates the parameters of an `upgrade` request; throws `EFDFERRY_INVALID` with the reason. */
 export function parseUpgradeRequest(params: Record<string, unknown>, limits: UpgradeRequestLimits = DEFAULT_UPGRADE_LIMITS): UpgradeRequest {
+  if (typeof params !== 'object' || params === null || Array.isArray(params)) throw new ProtocolError('EFDFERRY_INVALID', 'params must be an object');
   for (const key of Object.keys(params)) {
     if (!KNOWN.has(key)) throw new ProtocolError('EFDFERRY_INVALID', `unknown parameter "${key}" (known: ${[...KNOWN].join(', ')})`);
   }

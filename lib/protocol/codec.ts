@@ -218,12 +218,34 @@ function writeFully(fd: number, bytes: Buffer): void {
 
 const utf8 = new TextDecoder('utf-8', { fatal: true });
 
+/**
+ * Deepest nesting a body may have. JSON.parse copes with any depth, but everything after it that recurses
+ * (JSON.stringify for a size check or a reply, logging) runs out of stack a few thousand levels down: a
+ * body that deep is refused here, before anything else sees it.
+ */
+export const MAX_JSON_DEPTH = 512;
+
+/** Whether `value` nests deeper than `limit` (iteratively: the check must not recurse either). */
+export function nestsDeeperThan(value: unknown, limit: number): boolean {
+  const stack: Array<[unknown, number]> = [[value, 1]];
+  while (stack.length) {
+    const [item, depth] = stack.pop()!;
+    if (typeof item !== 'object' || item === null) continue;
+    if (depth > limit) return true;
+    for (const child of Object.values(item)) if (typeof child === 'object' && child !== null) stack.push([child, depth + 1]);
+  }
+  return false;
+}
+
 function parseJson(bytes: Uint8Array): unknown {
+  let value: unknown;
   try {
-    return JSON.parse(utf8.decode(bytes));
+    value = JSON.parse(utf8.decode(bytes));
   } catch (error) {
     throw new ProtocolError('EFDFERRY_JSON', `body is not UTF-8 JSON: ${(error as Error).message}`);
   }
+  if (nestsDeeperThan(value, MAX_JSON_DEPTH)) throw new ProtocolError('EFDFERRY_JSON', `body nests deeper than ${MAX_JSON_DEPTH} levels`);
+  return value;
 }
 
 function bodyOf(message: Message): Record<string, unknown> {

@@ -680,7 +680,8 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
     expectNoFds(fds);
     const { owner, protocol = PROTOCOL_VERSION } = params;
     if (protocol !== PROTOCOL_VERSION) {
-      throw new ProtocolError('EFDFERRY_VERSION', `client speaks protocol ${String(protocol)}, this daemon speaks ${PROTOCOL_VERSION}`, {
+      // JSON.stringify, not String(): a hostile {"toString":0} must get its EFDFERRY_VERSION too.
+      throw new ProtocolError('EFDFERRY_VERSION', `client speaks protocol ${JSON.stringify(protocol)}, this daemon speaks ${PROTOCOL_VERSION}`, {
         supported: [PROTOCOL_VERSION],
       });
     }
@@ -787,8 +788,11 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
       return true;
     } catch (error) {
       if (error instanceof ProtocolError) throw error;
-      // A peer that went away (EPIPE, ECONNRESET) is ordinary; anything else deserves attention.
       const code = (error as NodeJS.ErrnoException).code;
+      // Not a socket failure (no errno): the message itself could not be encoded. The sender gets an error
+      // for it; the connection is fine.
+      if (code === undefined) throw new ProtocolError('EFDFERRY_INTERNAL', `the reply could not be encoded: ${(error as Error).message}`);
+      // A peer that went away (EPIPE, ECONNRESET) is ordinary; anything else deserves attention.
       const level = code === 'EPIPE' || code === 'ECONNRESET' ? 'debug' : 'warn';
       connection.log[level]({ err: error, type: message.type }, 'send failed; closing the connection');
       connection.channel.close();

@@ -50,6 +50,7 @@ export function parseSpliceRequest(
   defaults: Pick<RelayOptions, 'idleTimeoutMs' | 'maxDurationMs'>,
   limits: SpliceRequestLimits = DEFAULT_REQUEST_LIMITS,
 ): SpliceRequest {
+  if (typeof params !== 'object' || params === null || Array.isArray(params)) throw invalid('params must be an object');
   for (const key of Object.keys(params)) if (!KNOWN.has(key)) throw invalid(`unknown parameter "${key}"`);
   const meta = params.meta ?? {};
   if (typeof meta !== 'object' || meta === null || Array.isArray(meta)) throw invalid('"meta" must be a JSON object');

@@ -11,6 +11,12 @@ const setup = (t: Test, maxBodyBytes?: number) => {
   return { binding, codec: new MessageCodec(binding, maxBodyBytes ? { maxBodyBytes } : {}) };
 };
 
+/** A request whose params nest `levels` arrays deep (plus the body object and params: levels + 2). */
+const deep = (levels: number) => {
+  const body = Buffer.from(`{"method":"x","params":{"a":${'['.repeat(levels)}${']'.repeat(levels)}}}`);
+  return encodeFrame({ type: 'request', requestId: 9, flags: 0, fdCount: 0, bodyLength: body.length }, body);
+};
+
 const expectError = (t: Test, fn: () => unknown, code: string) => {
   try {
     fn();
@@ -88,6 +94,9 @@ t.test('malformed frames give precise errors and hand every fd back', async (t) 
     ['invalid utf-8', encodeFrame({ type: 'request', requestId: 9, flags: 0, fdCount: 0, bodyLength: 2 }, Buffer.from([0xc3, 0x28])), 0, 'EFDFERRY_JSON'],
     ['no method', encodeFrame({ type: 'request', requestId: 9, flags: 0, fdCount: 0, bodyLength: 2 }, Buffer.from('{}')), 0, 'EFDFERRY_JSON'],
     ['array body', encodeFrame({ type: 'request', requestId: 9, flags: 0, fdCount: 0, bodyLength: 2 }, Buffer.from('[]')), 0, 'EFDFERRY_JSON'],
+    // Found by the property tests: past a few thousand levels, anything that recurses over the value blows the stack.
+    ['nested 10,000 deep', deep(10_000), 0, 'EFDFERRY_JSON'],
+    ['nested 513 deep', deep(511), 0, 'EFDFERRY_JSON'],
     ['request id 0', encodeFrame({ type: 'request', requestId: 0, flags: 0, fdCount: 0, bodyLength: 14 }, Buffer.from('{"method":"x"}')), 0, 'EFDFERRY_HEADER'],
   ];
   for (const [name, frame, fdCount, code] of cases) {
@@ -134,5 +143,13 @@ t.test('memfd bodies: unsealed, not a memfd, wrong size, too big', (t) => {
   expectError(t, () => codec.decode(framed, [memfd]), 'EFDFERRY_TOOBIG');
   expectError(t, () => codec.encode({ ...big, result: { blob: 'q'.repeat(200_000) } }), 'EFDFERRY_TOOBIG');
   t.equal(binding.openFds, 0, 'every body memfd was closed');
+  t.end();
+});
+
+t.test('nesting up to the limit is accepted', (t) => {
+  const { codec } = setup(t);
+  const body = Buffer.from(`{"method":"x","params":{"a":${'['.repeat(510)}${']'.repeat(510)}}}`);
+  const frame = encodeFrame({ type: 'request', requestId: 9, flags: 0, fdCount: 0, bodyLength: body.length }, body);
+  t.match(codec.decode(frame, []), { type: 'request', method: 'x' }, '512 levels (body, params, 510 arrays) decode');
   t.end();
 });
