@@ -3,17 +3,24 @@
 // (saying what); otherwise it names exactly what to install and fails.
 import { execFileSync, spawnSync } from 'node:child_process';
 
-/** [command the tests run, Debian package that provides it, what for] */
+/** [command the tests run, Debian package that provides it, what for, optional shell check when `command -v` is not enough] */
 const needed = [
   ['prlimit', 'util-linux', 'lowering a child process fd limit (MSG_CTRUNC and EMFILE tests)'],
   ['setsid', 'util-linux', 'starting a successor re-parented away from its predecessor (restart tests)'],
   ['python3', 'python3', 'forging partly sealed memfds the Node API cannot make (protocol tests)'],
   ['ip', 'iproute2', 'network namespaces and tun devices (TCP and Bumblebee tests)'],
   ['curl', 'curl', 'a real HTTP client downloading through Bumblebee and Splicer'],
+  ['clang++', 'clang', 'building the libFuzzer target for the packet parser and NAT rewrite (packet fuzz test)'],
+  [
+    'clang++ -fsanitize=fuzzer',
+    'libclang-rt-14-dev',
+    'the libFuzzer, ASan and UBSan runtimes it links (packet fuzz test; only recommended by clang)',
+    'ls "$(clang++ -print-runtime-dir)"/libclang_rt.fuzzer-*.a',
+  ],
 ];
 
-const has = (command) => spawnSync('sh', ['-c', `command -v ${command}`], { stdio: 'ignore' }).status === 0;
-const missing = needed.filter(([command]) => !has(command));
+const has = ([command, , , check]) => spawnSync('sh', ['-c', check ?? `command -v ${command}`], { stdio: 'ignore' }).status === 0;
+const missing = needed.filter((entry) => !has(entry));
 
 if (missing.length === 0) process.exit(0);
 
@@ -33,7 +40,7 @@ try {
   console.error(`fdferry tests: apt-get failed; install by hand: apt-get install -y ${packages.join(' ')}`);
   process.exit(1);
 }
-const still = needed.filter(([command]) => !has(command)).map(([command]) => command);
+const still = needed.filter((entry) => !has(entry)).map(([command]) => command);
 if (still.length) {
   console.error(`fdferry tests: still missing after install: ${still.join(', ')}`);
   process.exit(1);
