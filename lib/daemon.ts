@@ -12,6 +12,7 @@ import type { HandoffParticipant } from './handoff/participant.js';
 import { HANDOFF_FAULTS, type HandoffFault } from './handoff/spawn.js';
 import { Successor, takeSuccessorEnvironment } from './handoff/successor.js';
 import { createLogger } from './log.js';
+import { DaemonMetrics, serveMetrics, type MetricSource } from './metrics.js';
 import { loadNative, type NativeBinding } from './native.js';
 import type { AccessPolicy } from './rpc/access.js';
 import type { QuotaLimits } from './rpc/quotas.js';
@@ -33,6 +34,8 @@ export interface CommonDaemonOptions {
   access?: AccessPolicy;
   quotas?: QuotaLimits;
   helloTimeoutMs?: number;
+  /** Also serve metrics over HTTP on this loopback address. */
+  metricsListen?: { host: string; port: number };
   logLevel: LevelWithSilent;
   maxConnections: number;
   maxInflight: number;
@@ -59,6 +62,8 @@ export interface Service extends HandoffParticipant {
   readonly name: string;
   /** Methods clients may call, beyond the built-in hello/ping/ack/status/reload. */
   methods(): MethodTable;
+  /** Service-specific metrics, read at every scrape. */
+  metricSources?(): MetricSource[];
   /** Which of its methods only control peers may call (reload is always one). */
   readonly controlMethods?: readonly string[];
   /**
@@ -108,7 +113,7 @@ export async function runDaemon(
   };
   const methods: MethodTable = {};
   // Filled once the service exists (it names its own control methods); the server reads it per request.
-  const controlMethods: string[] = ['reload'];
+  const controlMethods: string[] = ['reload', 'metrics'];
   const server = new RpcServer({
     binding,
     logger: log,
@@ -128,6 +133,33 @@ export async function runDaemon(
   const context: DaemonContext = { log, binding, server, generation };
   const service = createService(context);
   controlMethods.push(...(service.controlMethods ?? []));
+  const metrics = new DaemonMetrics(serviceName, VERSION, generation);
+  const serverSources: MetricSource[] = [
+    { name: 'fdferry_connections', help: 'Client connections open', type: 'gauge', read: () => [[{}, server.connections().length]] },
+    { name: 'fdferry_requests_total', help: 'Requests received', type: 'counter', read: () => [[{}, server.counters.requests]] },
+    {
+      name: 'fdferry_errors_total',
+      help: 'Error answers, by code',
+      type: 'counter',
+      labelNames: ['code'],
+      read: () => [...server.errorsByCode].map(([code, count]) => [{ code }, count]),
+    },
+    { name: 'fdferry_connections_denied_total', help: 'Connections refused (allow-list, per-uid limit)', type: 'counter', read: () => [[{}, server.counters.connectionsDenied]] },
+    { name: 'fdferry_quota_refusals_total', help: 'Requests refused by a quota', type: 'counter', read: () => [[{}, server.counters.quotaRefusals]] },
+    {
+      name: 'fdferry_fd_exhaustion_total',
+      help: 'Times the daemon was out of fds (accepting, or receiving a request\'s fds)',
+      type: 'counter',
+      labelNames: ['where'],
+      read: () => [
+        [{ where: 'accept' }, server.counters.acceptFdExhaustion],
+        [{ where: 'receive' }, server.counters.receiveFdExhaustion],
+      ],
+    },
+    { name: 'fdferry_mailbox_results', help: 'Results kept for owners, not yet acknowledged', type: 'gauge', read: () => [[{}, server.mailboxSize]] },
+  ];
+  for (const source of [...serverSources, ...(service.metricSources?.() ?? [])]) metrics.add(source);
+  let metricsHttp: { close(): void } | null = null;
   const predecessor = new Predecessor({
     binding,
     log,
@@ -149,6 +181,7 @@ export async function runDaemon(
   let statusTimer: NodeJS.Timeout | null = null;
   const becomeLive = () => {
     watchdog = startWatchdog(notifier);
+    if (options.metricsListen) metricsHttp = serveMetrics(metrics, options.metricsListen, log);
     if (watchdog) log.info({ intervalMs: watchdog.intervalMs }, 'pinging the service manager\'s watchdog');
     if (notifier.enabled) {
       statusTimer = setInterval(() => notifier.send({ STATUS: statusLine() }), 10_000);
@@ -158,6 +191,8 @@ export async function runDaemon(
   const stopBeingLive = () => {
     watchdog?.stop();
     watchdog = null;
+    metricsHttp?.close();
+    metricsHttp = null;
     if (statusTimer) clearInterval(statusTimer);
     statusTimer = null;
   };
@@ -168,6 +203,7 @@ export async function runDaemon(
 
   /** A hand-over ended: exit if the successor took over, otherwise answer whoever asked. */
   const handoffFinished = (report: HandoffReport, requester: Requester | null) => {
+    metrics.handoff(report);
     if (report.ok) {
       stopBeingLive();
       notifier.close();
@@ -206,6 +242,9 @@ export async function runDaemon(
           ...service.status(),
         },
       }),
+    }),
+    metrics: defineMethod({
+      handle: async () => ({ result: { contentType: metrics.contentType, text: await metrics.text() } }),
     }),
     reload: defineMethod({
       parse: (params) => {
@@ -297,6 +336,7 @@ export async function runDaemon(
         bytesInFlight: adopted.bytesInFlight,
       };
       successor.done({ pauseMs, phasesMs: { resume: resumedAt - resumeStarted } });
+      metrics.handoff(report);
       if (adopted.requester) {
         const connectionId = adopted.connectionIds.get(adopted.requester.connectionId);
         if (connectionId !== undefined) server.replyTo(connectionId, adopted.requester.requestId, report as unknown as Record<string, unknown>);

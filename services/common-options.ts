@@ -5,6 +5,7 @@
 import fs from 'node:fs';
 import type { Argv } from 'yargs';
 import type { CommonDaemonOptions } from '../lib/daemon.js';
+import { parseMetricsListen } from '../lib/metrics.js';
 import { defaultAccessPolicy, parseIdList } from '../lib/rpc/access.js';
 import { DEFAULT_QUOTAS } from '../lib/rpc/quotas.js';
 import { DEFAULT_SERVER_LIMITS } from '../lib/rpc/server.js';
@@ -37,6 +38,7 @@ export function withCommonOptions<T>(yargs: Argv<T>, service: string) {
     .option('max-fds-inflight-per-owner', { type: 'number', default: DEFAULT_QUOTAS.maxFdsInflightPerOwner, describe: 'fds in requests in progress per owner id (0 = no limit)', group: 'Quotas:' })
     .option('max-request-rate-per-uid', { type: 'number', default: DEFAULT_QUOTAS.requestRatePerUid, describe: 'requests per second per client uid (0 = no limit)', group: 'Quotas:' })
     .option('max-request-rate-per-owner', { type: 'number', default: DEFAULT_QUOTAS.requestRatePerOwner, describe: 'requests per second per owner id (0 = no limit)', group: 'Quotas:' })
+    .option('metrics-listen', { type: 'string', describe: 'also serve Prometheus metrics over HTTP at [host:]port, loopback only (default: only `fdferry ctl <service> metrics`)', group: 'Daemon:' })
     .option('log-level', { choices: LOG_LEVELS, default: 'info' as (typeof LOG_LEVELS)[number], describe: 'log level (per-task lines are debug)', group: 'Daemon:' })
     .option('max-connections', { type: 'number', default: DEFAULT_SERVER_LIMITS.maxConnections, describe: 'client connections at once', group: 'Limits:' })
     .option('max-inflight', { type: 'number', default: DEFAULT_SERVER_LIMITS.maxInflightPerConnection, describe: 'requests in progress per connection', group: 'Limits:' })
@@ -73,6 +75,7 @@ export function commonOptionsFrom(argv: {
   maxFdsInflightPerOwner?: number;
   maxRequestRatePerUid?: number;
   maxRequestRatePerOwner?: number;
+  metricsListen?: string | undefined;
 }): CommonDaemonOptions {
   const socketMode = Number.parseInt(argv.socketMode, 8);
   if (!/^[0-7]{3,4}$/.test(argv.socketMode)) throw new Error(`--socket-mode must be octal like 0660, got ${argv.socketMode}`);
@@ -113,6 +116,7 @@ export function commonOptionsFrom(argv: {
       controlGids: argv.controlGid === undefined ? defaults.controlGids : parseIdList('control-gid', argv.controlGid, '/etc/group'),
     },
     helloTimeoutMs: quota('hello-timeout', argv.helloTimeout, 10_000),
+    ...(argv.metricsListen === undefined ? {} : { metricsListen: parseMetricsListen(argv.metricsListen) }),
     quotas: {
       maxConnectionsPerUid: quota('max-connections-per-uid', argv.maxConnectionsPerUid, DEFAULT_QUOTAS.maxConnectionsPerUid),
       maxFdsInflightPerUid: quota('max-fds-inflight-per-uid', argv.maxFdsInflightPerUid, DEFAULT_QUOTAS.maxFdsInflightPerUid),

@@ -12,6 +12,7 @@ export const CTL_COMMANDS = {
   cancel: 'end a task now (its envelope goes to its owner): ctl <service> cancel <taskId>',
   drain: 'Splicer: end every relay of an owner (envelopes go to it): ctl splicer drain --owner <id> [--uid <uid>]',
   ping: 'check that the daemon answers',
+  metrics: 'Prometheus text exposition of the daemon\'s metrics',
   reload: 'hand everything over to a fresh process (zero downtime); with --wait (default) report when done',
 } as const;
 
@@ -79,6 +80,10 @@ export async function runCtl(options: CtlArguments): Promise<number> {
 }
 
 function print(options: CtlArguments, result: Record<string, unknown>): void {
+  if (options.command === 'metrics' && !options.json) {
+    process.stdout.write(String(result.text));
+    return;
+  }
   if (options.command === 'reload' && !options.json) {
     if (result.started) {
       console.log(`reload started (pid ${String(result.pid)})`);

@@ -210,6 +210,8 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
   readonly #controlMethods: readonly string[];
   /** Per-uid and per-owner quotas. */
   readonly quotas: Quotas;
+  /** Error answers by code (for metrics). */
+  readonly errorsByCode = new Map<string, number>();
 
   constructor(options: RpcServerOptions) {
     super();
@@ -761,6 +763,7 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
   /** Answers with an error and gives `fds` back to the peer; the server's copies are closed either way. */
   #reject(connection: Connection, requestId: number, error: ProtocolError, fds: number[]): void {
     this.counters.errors++;
+    this.errorsByCode.set(error.code, (this.errorsByCode.get(error.code) ?? 0) + 1);
     const wire = { code: error.code, message: error.message, ...(error.details ? { details: error.details } : {}) };
     try {
       let sent: boolean;

@@ -9,6 +9,7 @@
  */
 import crypto from 'node:crypto';
 import type { DaemonContext, Service } from '../../lib/daemon.js';
+import type { MetricSource, Sample } from '../../lib/metrics.js';
 import type { ExportSummary } from '../../lib/handoff/participant.js';
 import type { PausedPump, PumpEvent, UpgradePump, UpgradePumpOptions } from '../../lib/native.js';
 import { parseUpgradeRequest, type UpgradeRequestLimits, type UpgradeResult, DEFAULT_UPGRADE_LIMITS } from '../../lib/protocol/bumblebee.js';
@@ -166,6 +167,75 @@ export class BumblebeeService implements Service {
         },
       }),
     };
+  }
+
+  metricSources(): MetricSource[] {
+    const perEnvironment = (pick: (stats: ReturnType<UpgradePump['stats']>[number]) => Sample[]) => () => this.#pump.stats().flatMap(pick);
+    const counter = (key: string) => this.#counters[key] ?? 0;
+    return [
+      { name: 'fdferry_tasks_active', help: 'Tasks running (Bumblebee: flows, upgrades in progress included)', type: 'gauge', read: () => [[{}, this.#flows.size]] },
+      {
+        name: 'fdferry_bumblebee_upgrades_total',
+        help: 'Upgrades by outcome',
+        type: 'counter',
+        labelNames: ['outcome'],
+        read: () => [
+          [{ outcome: 'requested' }, counter('upgrades')],
+          [{ outcome: 'refused' }, counter('refused')],
+        ],
+      },
+      {
+        name: 'fdferry_bumblebee_flows_ended_total',
+        help: 'Flows ended, by reason',
+        type: 'counter',
+        labelNames: ['reason'],
+        read: () => Object.entries(this.#counters).flatMap(([key, value]): Sample[] => (key.startsWith('ended_') ? [[{ reason: key.slice('ended_'.length) }, value]] : [])),
+      },
+      {
+        name: 'fdferry_bumblebee_slots',
+        help: 'NAT slots per environment: in use by flows, and in TIME_WAIT quarantine',
+        type: 'gauge',
+        labelNames: ['environment', 'state'],
+        read: perEnvironment((e) => [
+          [{ environment: e.id, state: 'in_use' }, e.flows + e.pending],
+          [{ environment: e.id, state: 'quarantine' }, e.slotsInQuarantine],
+        ]),
+      },
+      {
+        name: 'fdferry_bumblebee_packets_total',
+        help: 'Packets pumped, by direction',
+        type: 'counter',
+        labelNames: ['environment', 'direction'],
+        read: perEnvironment((e) => [
+          [{ environment: e.id, direction: 'to_kernel' }, e.packetsToKernel],
+          [{ environment: e.id, direction: 'to_client' }, e.packetsToClient],
+        ]),
+      },
+      {
+        name: 'fdferry_bumblebee_bytes_total',
+        help: 'Bytes of IP packets pumped, by direction',
+        type: 'counter',
+        labelNames: ['environment', 'direction'],
+        read: perEnvironment((e) => [
+          [{ environment: e.id, direction: 'to_kernel' }, e.bytesToKernel],
+          [{ environment: e.id, direction: 'to_client' }, e.bytesToClient],
+        ]),
+      },
+      {
+        name: 'fdferry_bumblebee_drops_total',
+        help: 'Packets dropped, by reason',
+        type: 'counter',
+        labelNames: ['environment', 'reason'],
+        read: perEnvironment((e) => Object.entries(e.drops).map(([reason, count]): Sample => [{ environment: e.id, reason }, count])),
+      },
+      {
+        name: 'fdferry_bumblebee_orphans_total',
+        help: 'Accepted sockets that matched no pending upgrade (closed)',
+        type: 'counter',
+        labelNames: ['environment'],
+        read: perEnvironment((e) => [[{ environment: e.id }, e.orphans]]),
+      },
+    ];
   }
 
   status(): Record<string, unknown> {

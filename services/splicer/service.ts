@@ -8,6 +8,7 @@
  */
 import crypto from 'node:crypto';
 import type { DaemonContext, Service } from '../../lib/daemon.js';
+import type { MetricSource } from '../../lib/metrics.js';
 import type { ExportSummary } from '../../lib/handoff/participant.js';
 import type { PausedRelay, RelayCompletion, SpliceEngine, SpliceEngineOptions } from '../../lib/native-splice.js';
 import { ProtocolError } from '../../lib/protocol/errors.js';
@@ -48,6 +49,8 @@ export class SplicerService implements Service {
   #nextEngineId = 1;
   #stopping = false;
   #relaysEnded = 0;
+  #relaysStarted = 0;
+  readonly #endedByReason = new Map<string, number>();
   #onIdle: (() => void) | null = null;
   /** Relays paused for a hand-over (exported, or imported and waiting for commit). */
   #paused: PausedRelay[] = [];
@@ -94,6 +97,7 @@ export class SplicerService implements Service {
           };
           this.#engine.add(engineId, task.fdA, task.fdB, params.relay);
           this.#tasks.add(task);
+          this.#relaysStarted++;
           log.debug({ taskId: task.taskId }, 'relay started');
           return { result: { taskId: task.taskId } };
         },
@@ -155,6 +159,34 @@ export class SplicerService implements Service {
         },
       }),
     };
+  }
+
+  metricSources(): MetricSource[] {
+    return [
+      { name: 'fdferry_tasks_active', help: 'Tasks running (Splicer: relays)', type: 'gauge', read: () => [[{}, this.#tasks.size]] },
+      { name: 'fdferry_splicer_relays_started_total', help: 'Relays accepted by this process', type: 'counter', read: () => [[{}, this.#relaysStarted]] },
+      {
+        name: 'fdferry_splicer_relays_ended_total',
+        help: 'Relays that ended in this process, by reason',
+        type: 'counter',
+        labelNames: ['reason'],
+        read: () => [...this.#endedByReason].map(([reason, count]) => [{ reason }, count]),
+      },
+      { name: 'fdferry_splicer_bytes_total', help: 'Bytes relayed (both directions)', type: 'counter', read: () => [[{}, this.#engine.stats().bytesTotal]] },
+      {
+        name: 'fdferry_splicer_pipes',
+        help: 'Pipes borrowed by relays with bytes in flight, and kept idle for reuse',
+        type: 'gauge',
+        labelNames: ['state'],
+        read: () => {
+          const stats = this.#engine.stats();
+          return [
+            [{ state: 'in_use' }, stats.pipesInUse],
+            [{ state: 'idle' }, stats.pipesIdle],
+          ];
+        },
+      },
+    ];
   }
 
   status(): Record<string, unknown> {
@@ -259,6 +291,7 @@ export class SplicerService implements Service {
       }
       this.#tasks.remove(task);
       this.#relaysEnded++;
+      this.#endedByReason.set(completion.reason, (this.#endedByReason.get(completion.reason) ?? 0) + 1);
       const describe = (fd: number) => binding.describeFd(fd);
       const tcpInfo = (fd: number) => binding.tcpInfo(fd);
       const envelope = buildEnvelope(task, completion, {
