@@ -10,6 +10,8 @@ import { runCtl, CTL_COMMANDS } from './ctl.js';
 import { runUp, SERVICES } from './up.js';
 import { bumblebeeOptions, startBumblebee } from './bumblebee/command.js';
 import { splicerOptions, startSplicer } from './splicer/command.js';
+import { checkConfigCommand } from './check-config.js';
+import { installUnitsCommand, uninstallUnitsCommand } from './install-units.js';
 
 const fail = (error: unknown): never => {
   console.error(`fdferry: ${(error as Error).message}`);
@@ -89,6 +91,9 @@ await yargs(hideBin(process.argv))
       process.exitCode = await runUp({ runDir: argv.runDir, logLevel: argv.logLevel }).catch(fail);
     },
   )
+  .command(checkConfigCommand)
+  .command(installUnitsCommand)
+  .command(uninstallUnitsCommand)
   .demandCommand(1, 'name a command: fdferry --help lists them')
   .strict()
   .version(VERSION)
