@@ -1,4 +1,5 @@
 /** `fdferry ctl <service> <command>`: asks a running daemon over its socket and prints the answer. */
+import fs from 'node:fs';
 import { loadNative } from '../lib/native.js';
 import { RpcClient } from '../lib/rpc/client.js';
 import { ProtocolError } from '../lib/protocol/errors.js';
@@ -33,9 +34,19 @@ export interface CtlArguments {
   uid?: number;
 }
 
+/**
+ * `/run/fdferry/<service>.sock` (fdferry up, a hand-started daemon) when it exists, else the socket of the
+ * installed unit (`/run/fdferry-<service>/<service>.sock`, see services/units), else the former.
+ */
+function installedOrDefaultSocket(service: string): string {
+  const plain = defaultSocketPath(service);
+  const installed = `/run/fdferry-${service}/${service}.sock`;
+  return !fs.existsSync(plain) && fs.existsSync(installed) ? installed : plain;
+}
+
 /** Runs one ctl command; resolves with the process exit code. */
 export async function runCtl(options: CtlArguments): Promise<number> {
-  const socket = options.socket ?? defaultSocketPath(options.service);
+  const socket = options.socket ?? installedOrDefaultSocket(options.service);
   const client = new RpcClient({
     path: socket,
     owner: `ctl-${process.pid}`,
