@@ -20,8 +20,9 @@
  *   {"op":"exit"}
  *
  * Every answer carries the namespace's TCP counters over the command (/proc/self/net/snmp is this
- * namespace's): segments in and out (counted per MSS-sized segment even when GSO/GRO bundle them),
- * retransmissions, resets, failed connection attempts. The client always closes first, so TIME_WAIT sockets
+ * namespace's): segments out (counted per MSS-sized segment even when GSO sends them as one packet) and in
+ * (counted per received packet: a GRO bundle counts once), retransmissions, resets, failed connection
+ * attempts. The client always closes first, so TIME_WAIT sockets
  * stay in this namespace; the caller uses one port per phase and a fresh namespace per run.
  */
 import fs from 'node:fs';
