@@ -59,6 +59,8 @@ constexpr size_t kPacketBuffer = 64 * 1024;
 // Messages read from one flow socket or the tun per wake-up before the others get a turn (level-triggered, so
 // whatever is left brings us straight back).
 constexpr int kBatch = 64;
+// Packets moved per recvmmsg/sendmmsg: one syscall for a run of packets of one flow instead of one each.
+constexpr int kMmsg = 16;
 constexpr int kTickMs = 100;
 constexpr uint32_t kPortsPerAddress = 60000;
 constexpr uint16_t kFirstPort = 2000;
@@ -250,7 +252,8 @@ struct PumpShared {
 class PumpThread {
  public:
   PumpThread(std::shared_ptr<PumpShared> shared, PumpSettings settings)
-      : shared_(std::move(shared)), settings_(settings), buffer_(new uint8_t[kPacketBuffer]) {
+      : shared_(std::move(shared)), settings_(settings), buffer_(new uint8_t[kPacketBuffer]),
+        batch_(new uint8_t[kMmsg * kPacketBuffer]) {
     epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
     if (epoll_fd_ < 0) throw std::system_error(errno, std::generic_category(), "epoll_create1");
     wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -618,10 +621,21 @@ class PumpThread {
     return verdict == Verdict::kNotTcp ? "EFDFERRY_NOTTCP" : "EFDFERRY_MALFORMED";
   }
 
+  // Points message i of the batch at its own 64 KiB buffer.
+  void PrepareBatch(int count) {
+    for (int i = 0; i < count; i++) {
+      batch_iov_[i] = {batch_.get() + static_cast<size_t>(i) * kPacketBuffer, kPacketBuffer};
+      batch_msgs_[i] = {};
+      batch_msgs_[i].msg_hdr.msg_iov = &batch_iov_[i];
+      batch_msgs_[i].msg_hdr.msg_iovlen = 1;
+    }
+  }
+
   void OnFlowReadable(Flow* flow) {
     if (flow->state == Flow::kWaitingForSyn && !StartHandshake(flow)) return;
-    for (int i = 0; i < kBatch; i++) {
-      ssize_t received = recv(flow->fd, buffer_.get(), kPacketBuffer, MSG_DONTWAIT | MSG_TRUNC);
+    for (int round = 0; round < kBatch / kMmsg; round++) {
+      PrepareBatch(kMmsg);
+      int received = recvmmsg(flow->fd, batch_msgs_, kMmsg, MSG_DONTWAIT, nullptr);
       if (received < 0) {
         if (errno == EINTR) continue;
         if (errno == EAGAIN) return;
@@ -633,7 +647,21 @@ class PumpThread {
         }
         return;
       }
-      if (received == 0) {
+      // recvmmsg counts EOF as a message of length 0 (and fills the rest of the batch with more of them). An
+      // empty SOCK_SEQPACKET message cannot be told from EOF by recv(2) either, so both end the flow.
+      Environment& env = *flow->environment;
+      bool closed = received == 0;
+      for (int i = 0; i < received && !closed; i++) {
+        const mmsghdr& message = batch_msgs_[i];
+        if (message.msg_len == 0 && (message.msg_hdr.msg_flags & MSG_TRUNC) == 0) {
+          closed = true;
+        } else if ((message.msg_hdr.msg_flags & MSG_TRUNC) != 0) {
+          env.Drop("truncated");
+        } else {
+          ToKernel(flow, static_cast<uint8_t*>(batch_iov_[i].iov_base), message.msg_len);
+        }
+      }
+      if (closed) {
         if (flow->state == Flow::kEstablished) {
           Finish(flow, "closed", 0);
         } else {
@@ -641,13 +669,8 @@ class PumpThread {
         }
         return;
       }
-      Environment& env = *flow->environment;
-      if (static_cast<size_t>(received) > kPacketBuffer) {
-        env.Drop("truncated");
-        continue;
-      }
       flow->last_activity = MonotonicMs();
-      ToKernel(flow, buffer_.get(), static_cast<size_t>(received));
+      if (received < kMmsg) return;  // drained
     }
   }
 
@@ -721,38 +744,66 @@ class PumpThread {
     env.bytes_to_kernel += segment.length;
   }
 
+  // Reads up to kMmsg packets from the tun (one read each: a tun has no batch read), rewrites them, and sends
+  // each run of consecutive packets of one flow with a single sendmmsg.
   void OnTunReadable(Environment& env) {
-    for (int i = 0; i < kBatch * 4; i++) {
-      ssize_t size = read(env.tun_fd, buffer_.get(), kPacketBuffer);
-      if (size < 0) {
-        if (errno == EINTR) continue;
-        return;  // EAGAIN, or the tun is gone (its fds are JS's: the daemon notices and reports)
+    for (int round = 0; round < (kBatch * 4) / kMmsg; round++) {
+      Flow* owners[kMmsg];
+      int count = 0;
+      bool drained = false;
+      PrepareBatch(kMmsg);
+      while (count < kMmsg) {
+        uint8_t* data = batch_.get() + static_cast<size_t>(count) * kPacketBuffer;
+        ssize_t size = read(env.tun_fd, data, kPacketBuffer);
+        if (size < 0) {
+          if (errno == EINTR) continue;
+          drained = true;  // EAGAIN, or the tun is gone (its fds are JS's: the daemon notices and reports)
+          break;
+        }
+        TcpSegment segment;
+        // The kernel's own packets carry valid checksums (verified in the note): no need to pay for a re-sum.
+        Verdict verdict = packet::ParseTcp(data, static_cast<size_t>(size), false, &segment);
+        if (verdict != Verdict::kOk) {
+          env.Drop(verdict == Verdict::kNotTcp ? "kernelNotTcp" : "kernelMalformed");
+          continue;
+        }
+        uint32_t slot = segment.sport() == env.listen_port ? env.SlotOf(segment.family, segment.dst(), segment.dport()) : 0;
+        Flow* flow = slot != 0 ? env.by_slot[slot] : nullptr;
+        if (flow == nullptr || flow->client.family != segment.family) {
+          env.Drop("unknownSlot");
+          continue;
+        }
+        if (settings_.mss_clamp) packet::ClampMss(segment, settings_.mss_clamp);
+        packet::Rewrite(segment, flow->client.dst, flow->client.dport, flow->client.src, flow->client.sport);
+        batch_iov_[count].iov_len = segment.length;
+        owners[count++] = flow;
       }
-      TcpSegment segment;
-      // The kernel's own packets carry valid checksums (verified in the note): no need to pay for a re-sum.
-      Verdict verdict = packet::ParseTcp(buffer_.get(), static_cast<size_t>(size), false, &segment);
-      if (verdict != Verdict::kOk) {
-        env.Drop(verdict == Verdict::kNotTcp ? "kernelNotTcp" : "kernelMalformed");
-        continue;
-      }
-      uint32_t slot = segment.sport() == env.listen_port ? env.SlotOf(segment.family, segment.dst(), segment.dport()) : 0;
-      Flow* flow = slot != 0 ? env.by_slot[slot] : nullptr;
-      if (flow == nullptr || flow->client.family != segment.family) {
-        env.Drop("unknownSlot");
-        continue;
-      }
-      if (settings_.mss_clamp) packet::ClampMss(segment, settings_.mss_clamp);
-      packet::Rewrite(segment, flow->client.dst, flow->client.dport, flow->client.src, flow->client.sport);
-      ssize_t sent = send(flow->fd, buffer_.get(), segment.length, MSG_DONTWAIT | MSG_NOSIGNAL);
+      SendRuns(env, owners, count);
+      if (drained) return;
+    }
+  }
+
+  void SendRuns(Environment& env, Flow* const* owners, int count) {
+    int64_t now = count > 0 ? MonotonicMs() : 0;
+    for (int start = 0; start < count;) {
+      Flow* flow = owners[start];
+      int end = start + 1;
+      while (end < count && owners[end] == flow) end++;
+      int run = end - start;
+      int sent = sendmmsg(flow->fd, batch_msgs_ + start, static_cast<unsigned>(run), MSG_DONTWAIT | MSG_NOSIGNAL);
+      // A full socket drops like a router would: TCP retransmits. A closed one shows up as EOF on its side.
       if (sent < 0) {
-        // A full socket drops like a router would: TCP retransmits. A closed one shows up as EOF on its side.
-        env.Drop(errno == EAGAIN ? "socketFull" : "socketError");
-        continue;
+        const char* reason = errno == EAGAIN ? "socketFull" : "socketError";
+        for (int i = 0; i < run; i++) env.Drop(reason);
+        sent = 0;
+      } else {
+        for (int i = sent; i < run; i++) env.Drop("socketFull");
       }
-      flow->packets_out++;
-      flow->last_activity = MonotonicMs();
-      env.packets_to_client++;
-      env.bytes_to_client += segment.length;
+      for (int i = start; i < start + sent; i++) env.bytes_to_client += batch_iov_[i].iov_len;
+      flow->packets_out += static_cast<uint64_t>(sent);
+      env.packets_to_client += static_cast<uint64_t>(sent);
+      if (sent > 0) flow->last_activity = now;
+      start = end;
     }
   }
 
@@ -851,6 +902,10 @@ class PumpThread {
   std::shared_ptr<PumpShared> shared_;
   PumpSettings settings_;
   std::unique_ptr<uint8_t[]> buffer_;
+  // kMmsg packet buffers and the headers that point at them, for recvmmsg and sendmmsg.
+  std::unique_ptr<uint8_t[]> batch_;
+  mmsghdr batch_msgs_[kMmsg];
+  iovec batch_iov_[kMmsg];
   int epoll_fd_ = -1;
   int wake_fd_ = -1;
   Tag wake_tag_{Tag::kWake};
