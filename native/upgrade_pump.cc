@@ -366,6 +366,7 @@ class PumpThread {
       for (auto& [reason, count] : env->drops) stats.drops.emplace_back(reason, count);
       all.push_back(std::move(stats));
     }
+    std::sort(all.begin(), all.end(), [](const EnvironmentStats& a, const EnvironmentStats& b) { return a.id < b.id; });
     return all;
   }
 

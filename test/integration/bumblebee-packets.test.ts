@@ -279,3 +279,23 @@ t.test('slots: a freed internal tuple waits out TIME_WAIT before reuse; idle flo
   t.equal((await status()).environments[0].slotsInQuarantine, 2, 'their slots are in quarantine');
   await refuse('every free slot still in TIME_WAIT quarantine');
 });
+
+t.test('--environments 2: flows spread over two namespaces, and a reload carries both', async (t) => {
+  const { daemon, client, status } = await setup(t, ['--environments', '2']);
+  const generations = new Generations(t, daemon.pid);
+  const flows = [0, 1, 2, 3].map((i) => new HandFlow(`10.9.2.${i + 1}`, '198.51.100.30', 5000, 443));
+  const upgraded = [];
+  for (const flow of flows) upgraded.push((await flow.handshake(client)).upgraded);
+  t.teardown(() => upgraded.forEach((u) => u.socket.destroy()));
+  t.same(upgraded.map((u) => u.environment).sort(), [1, 1, 2, 2], 'two flows in each environment');
+  const inodes = new Set(upgraded.map((u) => binding.socketNamespaceInode((u.socket as unknown as { _handle: { fd: number } })._handle.fd)));
+  t.equal(inodes.size, 2, 'in two distinct network namespaces');
+  const { report } = await reload('bumblebee', daemon.socket);
+  t.equal(report.ok, true, 'a reload');
+  generations.add(report.newPid!);
+  t.same((await status()).environments.map((e: { id: number; flows: number }) => [e.id, e.flows]), [[1, 2], [2, 2]], 'the successor has both environments and their flows');
+  const received: Buffer[] = [];
+  upgraded[3]!.socket.on('data', (chunk) => received.push(chunk));
+  flows[3]!.send(flows[3]!.packet(PSH | ACK, Buffer.from('second namespace')));
+  t.ok(await eventually(() => Buffer.concat(received).toString() === 'second namespace'), 'a flow of the second environment still carries data');
+});
