@@ -103,6 +103,8 @@ export type PumpEvent =
   | { type: 'accepted'; flowId: number; fd: number; slot: number; tuple: FlowTuple; internal: InternalTuple }
   /** The upgrade could not start or finish; the flow fd is the caller's again, untouched by the pump. */
   | { type: 'rejected'; flowId: number; code: string; message: string }
+  /** Something an operator must hear about (the pump ran out of fds while accepting), at most every 10 s. */
+  | { type: 'notice'; flowId: number; code: string; message: string }
   /** A running flow ended (its socket closed, errored or idled out); the flow fd is the caller's again. */
   | { type: 'ended'; flowId: number; reason: 'closed' | 'error' | 'idle-timeout' | 'cancelled'; errno: number; code: string | null };
 

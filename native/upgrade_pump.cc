@@ -184,7 +184,7 @@ struct PumpSettings {
 
 // One event for JS. Strings are filled only for the kinds that carry them.
 struct PumpEventRecord {
-  enum Kind { kAccepted, kRejected, kEnded } kind;
+  enum Kind { kAccepted, kRejected, kEnded, kNotice } kind;
   explicit PumpEventRecord(Kind of) : kind(of) {}
   double flow_id = 0;
   int fd = -1;
@@ -819,9 +819,20 @@ class PumpThread {
         if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
           // The connection stays in the backlog; stop polling the listeners (level-triggered would spin) and
           // look again on the next tick.
+          int err = errno;
           env.Drop("acceptFdExhaustion");
           env.accept_blocked = true;
           UnwatchListeners(&env);
+          // Said once per interval, not once per retry: the daemon logs it so an operator sees the limit.
+          int64_t now = MonotonicMs();
+          if (now - last_exhaustion_notice_ >= 10000) {
+            last_exhaustion_notice_ = now;
+            PumpEventRecord notice(PumpEventRecord::kNotice);
+            notice.code = err == EMFILE ? "EMFILE" : err == ENFILE ? "ENFILE" : err == ENOBUFS ? "ENOBUFS" : "ENOMEM";
+            notice.message = "out of file descriptors: handshakes wait in the listen backlog until fds free up";
+            notice.err = err;
+            shared_->Emit(std::move(notice));
+          }
         }
         return;
       }
@@ -915,6 +926,7 @@ class PumpThread {
   std::vector<std::function<void()>> commands_;
   bool stopping_ = false;
   bool paused_ = false;
+  int64_t last_exhaustion_notice_ = -10000;
   std::unordered_map<int, std::unique_ptr<Environment>> environments_;
   std::unordered_map<double, std::unique_ptr<Flow>> flows_;
   // Flows ended in the middle of an epoll batch: later events of the batch may still point at them.
@@ -1283,6 +1295,11 @@ class UpgradePump final : public Napi::ObjectWrap<UpgradePump>, public LoopResou
         }
         case PumpEventRecord::kRejected:
           object.Set("type", "rejected");
+          object.Set("code", e.code);
+          object.Set("message", e.message);
+          break;
+        case PumpEventRecord::kNotice:
+          object.Set("type", "notice");
           object.Set("code", e.code);
           object.Set("message", e.message);
           break;

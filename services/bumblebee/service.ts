@@ -349,6 +349,10 @@ export class BumblebeeService implements Service {
     const { binding, log } = this.#context;
     const audit = this.#options.audit ? 'info' : 'debug';
     for (const event of events) {
+      if (event.type === 'notice') {
+        log.warn({ code: event.code }, `${event.message} (raise LimitNOFILE= or lower --max-flows)`);
+        continue;
+      }
       const flow = this.#flows.get(event.flowId);
       if (!flow) {
         if (event.type === 'accepted') binding.closeAll([event.fd]);

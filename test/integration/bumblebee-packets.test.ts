@@ -5,7 +5,8 @@ import type { Test } from 'tap';
 import { BumblebeeClient } from '../../lib/client/bumblebee.js';
 import { loadNative } from '../../lib/native.js';
 import { ProtocolError } from '../../lib/protocol/errors.js';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
 import { cliCommand, startDaemon } from '../helpers/daemon.js';
 import { Generations, reload } from '../helpers/restart.js';
 import { eventually, openRecorded, withDeadline, type Recorded } from '../helpers/native-helpers.js';
@@ -284,7 +285,7 @@ t.test('--environments 2: flows spread over two namespaces, and a reload carries
   const { daemon, client, status } = await setup(t, ['--environments', '2']);
   const generations = new Generations(t, daemon.pid);
   const flows = [0, 1, 2, 3].map((i) => new HandFlow(`10.9.2.${i + 1}`, '198.51.100.30', 5000, 443));
-  const upgraded = [];
+  const upgraded: Array<Awaited<ReturnType<HandFlow['handshake']>>['upgraded']> = [];
   for (const flow of flows) upgraded.push((await flow.handshake(client)).upgraded);
   t.teardown(() => upgraded.forEach((u) => u.socket.destroy()));
   t.same(upgraded.map((u) => u.environment).sort(), [1, 1, 2, 2], 'two flows in each environment');
@@ -298,4 +299,21 @@ t.test('--environments 2: flows spread over two namespaces, and a reload carries
   upgraded[3]!.socket.on('data', (chunk) => received.push(chunk));
   flows[3]!.send(flows[3]!.packet(PSH | ACK, Buffer.from('second namespace')));
   t.ok(await eventually(() => Buffer.concat(received).toString() === 'second namespace'), 'a flow of the second environment still carries data');
+});
+
+t.test('out of fds while accepting: the handshake waits in the backlog, the daemon says so, and the upgrade completes once fds free up', async (t) => {
+  const { daemon, client } = await setup(t);
+  const limits = /^Max open files\s+(\d+)\s+(\d+)/m.exec(fs.readFileSync(`/proc/${daemon.pid}/limits`, 'utf8'))!;
+  const restore = () => void spawnSync('prlimit', ['--pid', String(daemon.pid), `--nofile=${limits[1]}:${limits[2]}`]);
+  t.teardown(restore);
+  // Room for the flow socket the request brings, none for the socket accept() would make.
+  t.equal(spawnSync('prlimit', ['--pid', String(daemon.pid), `--nofile=${daemon.openFds() + 1}:${limits[2]}`]).status, 0, 'lowered the daemon\'s fd limit');
+  const flow = new HandFlow('10.9.3.1', '198.51.100.40', 6000, 443);
+  const upgrade = flow.handshake(client);
+  const warning = await daemon.waitForLog((line) => String(line.msg).startsWith('out of file descriptors: handshakes wait in the listen backlog'));
+  t.match(warning, { code: 'EMFILE', levelValue: 40 }, 'the daemon warns, naming EMFILE');
+  restore();
+  const { upgraded } = await withDeadline(upgrade, 10_000, 'the upgrade once fds are back');
+  t.teardown(() => upgraded.socket.destroy());
+  t.equal(upgraded.tuple.clientAddress, '10.9.3.1', 'the waiting handshake was accepted and handed over');
 });
