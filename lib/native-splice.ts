@@ -99,6 +99,20 @@ export interface SpliceEngineOptions {
   maxPipes: number;
   /** Empty pipes kept in the pool for reuse. */
   maxIdlePipes: number;
+  /**
+   * Crash survival: make all `maxPipes` pipes at start, never close them, and record in a memfd table
+   * which relay and direction holds each (see {@link PipeTable}).
+   */
+  persistentPipes?: boolean;
+}
+
+/**
+ * A persistent pipe pool for the fd store: the owner table (a memfd of one little-endian 64-bit word per
+ * pipe: 0 = idle, else `(relayId * 2 + direction) + 1`, direction 0 = A to B) and every pipe, by number.
+ */
+export interface PipeTable {
+  tableFd: number;
+  pipes: Array<{ index: number; fds: [number, number] }>;
 }
 
 /** A paused relay: everything needed to resume it here or in a successor process. */
@@ -122,6 +136,8 @@ export interface PausedRelay {
 
 /** The native splice engine. */
 export interface SpliceEngine {
+  /** The persistent pipe pool (null unless the engine was made with `persistentPipes`). */
+  pipeTable(): PipeTable | null;
   /** Starts relaying between two connected stream sockets. Throws if the id is in use or an fd is unusable. */
   add(id: number, fdA: number, fdB: number, options: RelayOptions): void;
   /** Ends a relay with reason `cancelled` (its completion follows); false if no such relay. */

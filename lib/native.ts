@@ -178,6 +178,8 @@ export interface NativeBinding extends BumblebeeBinding {
   describeFd(fd: number): FdDescription;
   /** `getsockopt(TCP_INFO)`. */
   tcpInfo(fd: number): TcpInfo;
+  /** Bytes waiting to be read in a pipe or socket (`ioctl(FIONREAD)`). */
+  pendingBytes(fd: number): number;
   /** Sets or clears O_NONBLOCK (read-modify-write of F_GETFL). */
   setNonblocking(fd: number, nonblocking: boolean): void;
   /** An unbound AF_UNIX SOCK_DGRAM socket (nonblocking, close-on-exec): the sd_notify sender. */

@@ -3,7 +3,9 @@
 // Man pages: fcntl(2), close(2), fstat(2), inode(7), getsockopt(2), socket(7), getpeername(2).
 #include "fd.h"
 
+
 #include <fcntl.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 
@@ -133,7 +135,17 @@ void SetNonblocking(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
+// Bytes waiting in a pipe (or socket): FIONREAD. A restarted Splicer asks each stored pipe what it holds.
+Napi::Value PendingBytes(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = FdArgument(info, 0);
+  int bytes = 0;
+  if (ioctl(fd, FIONREAD, &bytes) < 0) throw ErrnoException(env, errno, "ioctl");
+  return Napi::Number::New(env, bytes);
+}
+
 void InitFd(Napi::Env env, Napi::Object exports) {
+  exports.Set("pendingBytes", Napi::Function::New(env, PendingBytes, "pendingBytes"));
   exports.Set("dup", Napi::Function::New(env, Dup, "dup"));
   exports.Set("reserveFdTable", Napi::Function::New(env, ReserveFdTable, "reserveFdTable"));
   exports.Set("close", Napi::Function::New(env, Close, "close"));

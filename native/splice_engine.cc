@@ -15,6 +15,7 @@
 
 #include <fcntl.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -64,6 +65,7 @@ struct Pipe {
   int read_end = -1;
   int write_end = -1;
   int size = 0;
+  int index = -1;  // in the persistent pool, or -1
   bool valid() const { return read_end >= 0; }
 };
 
@@ -179,6 +181,30 @@ class SpliceThread {
     thread_.join();
   }
 
+  // Makes `count` pipes for the persistent pool, numbered from `first`, and hands them out for storing.
+  std::vector<PersistentPipe> MakePersistentPipes(int first, int count) {
+    std::vector<PersistentPipe> made;
+    for (int i = 0; i < count; i++) {
+      int fds[2];
+      if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0) throw std::system_error(errno, std::generic_category(), "pipe2");
+      Pipe pipe{fds[0], fds[1], 0, first + i};
+      int size = fcntl(pipe.write_end, F_SETPIPE_SZ, shared_->settings.pipe_size);
+      if (size < 0) {
+        shared_->counters.pipe_resize_failures++;
+        size = fcntl(pipe.write_end, F_GETPIPE_SZ);
+      }
+      pipe.size = size > 0 ? size : 4096;
+      int64_t current = shared_->counters.pipe_size_min.load();
+      while ((current == 0 || pipe.size < current) && !shared_->counters.pipe_size_min.compare_exchange_weak(current, pipe.size)) {
+      }
+      idle_pipes_.push_back(pipe);
+      shared_->pipes_total++;
+      shared_->counters.pipes_idle++;
+      made.push_back({pipe.index, pipe.read_end, pipe.write_end});
+    }
+    return made;
+  }
+
   void Add(std::unique_ptr<Relay> relay) {
     Relay* raw = relay.get();
     relays_[raw->id] = std::move(relay);
@@ -266,6 +292,7 @@ class SpliceThread {
       pipe[0] = direction.pipe.read_end;
       pipe[1] = direction.pipe.write_end;
       pipe_bytes = direction.in_pipe;
+      MarkOwner(direction.pipe, nullptr, nullptr);
       direction.pipe = Pipe{};
       shared_->counters.pipes_in_use--;
       shared_->pipes_total--;
@@ -491,16 +518,26 @@ class SpliceThread {
     return false;
   }
 
+  // Records (or clears) who holds a persistent pipe. One aligned 64-bit store: a crash between two relays'
+  // updates leaves every word either old or new, never torn.
+  void MarkOwner(const Pipe& pipe, const Relay* relay, const Direction* d) {
+    if (pipe.index < 0 || shared_->pipe_owners == nullptr) return;
+    uint64_t value = relay == nullptr ? 0 : ((relay->id << 1) | (d == &relay->ba ? 1u : 0u)) + 1;
+    __atomic_store_n(&shared_->pipe_owners[pipe.index], value, __ATOMIC_RELEASE);
+  }
+
   bool BorrowPipe(Relay* relay, Direction& d) {
     if (!idle_pipes_.empty()) {
       d.pipe = idle_pipes_.back();
       idle_pipes_.pop_back();
+      MarkOwner(d.pipe, relay, &d);
       shared_->counters.pipes_idle--;
       shared_->counters.pipes_in_use++;
       return true;
     }
-    if (shared_->pipes_total.fetch_add(1) >= shared_->settings.max_pipes) {
-      shared_->pipes_total--;
+    // A persistent pool never grows: every pipe it may use was made (and stored) at start.
+    if (shared_->settings.persistent_pipes || shared_->pipes_total.fetch_add(1) >= shared_->settings.max_pipes) {
+      if (!shared_->settings.persistent_pipes) shared_->pipes_total--;
       shared_->counters.pipe_waits++;
       Wait(relay);
       return false;
@@ -543,7 +580,11 @@ class SpliceThread {
     if (!d.pipe.valid()) return;
     Pipe pipe = std::exchange(d.pipe, Pipe{});
     shared_->counters.pipes_in_use--;
-    if (d.in_pipe == 0 && static_cast<int>(idle_pipes_.size()) < idle_pipe_limit_) {
+    MarkOwner(pipe, nullptr, nullptr);
+    // A persistent pipe always goes back to the pool (it is stored under its number); any other is pooled
+    // up to the idle limit, and never in a persistent engine (its pool is the stored one).
+    bool keep = pipe.index >= 0 || (!shared_->settings.persistent_pipes && static_cast<int>(idle_pipes_.size()) < idle_pipe_limit_);
+    if (d.in_pipe == 0 && keep) {
       idle_pipes_.push_back(pipe);
       shared_->counters.pipes_idle++;
     } else {
@@ -759,6 +800,7 @@ Napi::Function SpliceEngine::DefineClass(Napi::Env env) {
                                      InstanceMethod<&SpliceEngine::Resume>("resume"),
                                      InstanceMethod<&SpliceEngine::Close>("close"),
                                      InstanceMethod<&SpliceEngine::Flush>("flush"),
+                                     InstanceMethod<&SpliceEngine::PipeTable>("pipeTable"),
                                  });
 }
 
@@ -777,6 +819,7 @@ SpliceEngine::SpliceEngine(const Napi::CallbackInfo& info)
   settings.pipe_size = static_cast<int>(NumberField(options, "pipeSize", 256 * 1024, 4096, 1 << 30));
   settings.max_pipes = static_cast<int>(NumberField(options, "maxPipes", 1024, 1, 1 << 20));
   settings.max_idle_pipes = static_cast<int>(NumberField(options, "maxIdlePipes", 64, 0, 1 << 20));
+  settings.persistent_pipes = options.Get("persistentPipes").ToBoolean();
   on_complete_ = Napi::Persistent(info[1].As<Napi::Function>());
 
   int status = notify_.Init(addon_.pendingCloses(),
@@ -787,8 +830,10 @@ SpliceEngine::SpliceEngine(const Napi::CallbackInfo& info)
   int idle_per_thread = std::max(0, settings.max_idle_pipes / settings.threads);
   try {
     for (int i = 0; i < settings.threads; i++) threads_.push_back(std::make_unique<SpliceThread>(shared_, idle_per_thread));
+    if (settings.persistent_pipes) MakePersistentPool();
   } catch (const std::system_error& error) {
     StopThreads();
+    ReleasePipeTable();
     notify_.Close();
     throw ErrnoException(env, error.code().value(), error.what());
   }
@@ -797,7 +842,61 @@ SpliceEngine::SpliceEngine(const Napi::CallbackInfo& info)
   Ref();
 }
 
-SpliceEngine::~SpliceEngine() { StopThreads(); }
+SpliceEngine::~SpliceEngine() {
+  StopThreads();
+  ReleasePipeTable();
+}
+
+void SpliceEngine::MakePersistentPool() {
+  const SpliceSettings& settings = shared_->settings;
+  size_t bytes = static_cast<size_t>(settings.max_pipes) * sizeof(uint64_t);
+  int fd = memfd_create("fdferry-pipe-owners", MFD_CLOEXEC);
+  if (fd < 0) throw std::system_error(errno, std::generic_category(), "memfd_create");
+  shared_->pipe_table_fd = fd;
+  if (ftruncate(fd, static_cast<off_t>(bytes)) < 0) throw std::system_error(errno, std::generic_category(), "ftruncate");
+  void* table = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (table == MAP_FAILED) throw std::system_error(errno, std::generic_category(), "mmap");
+  shared_->pipe_owners = static_cast<uint64_t*>(table);
+  int per_thread = settings.max_pipes / static_cast<int>(threads_.size());
+  int first = 0;
+  for (size_t i = 0; i < threads_.size(); i++) {
+    int count = i + 1 == threads_.size() ? settings.max_pipes - first : per_thread;
+    SpliceThread* thread = threads_[i].get();
+    auto made = thread->Call<std::vector<PersistentPipe>>([thread, first, count] { return thread->MakePersistentPipes(first, count); });
+    shared_->persistent.insert(shared_->persistent.end(), made.begin(), made.end());
+    first += count;
+  }
+}
+
+void SpliceEngine::ReleasePipeTable() {
+  // After the threads are joined: nobody writes the table any more.
+  if (shared_->pipe_owners != nullptr) {
+    munmap(shared_->pipe_owners, static_cast<size_t>(shared_->settings.max_pipes) * sizeof(uint64_t));
+    shared_->pipe_owners = nullptr;
+  }
+  if (shared_->pipe_table_fd >= 0) close(shared_->pipe_table_fd);
+  shared_->pipe_table_fd = -1;
+}
+
+Napi::Value SpliceEngine::PipeTable(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (closed_ || shared_->pipe_table_fd < 0) return env.Null();
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("tableFd", shared_->pipe_table_fd);
+  Napi::Array pipes = Napi::Array::New(env, shared_->persistent.size());
+  uint32_t index = 0;
+  for (const PersistentPipe& pipe : shared_->persistent) {
+    Napi::Object object = Napi::Object::New(env);
+    object.Set("index", pipe.index);
+    Napi::Array fds = Napi::Array::New(env, 2);
+    fds.Set(0u, pipe.read_end);
+    fds.Set(1u, pipe.write_end);
+    object.Set("fds", fds);
+    pipes.Set(index++, object);
+  }
+  result.Set("pipes", pipes);
+  return result;
+}
 
 SpliceThread& SpliceEngine::ThreadFor(double id) {
   return *threads_[static_cast<uint64_t>(id) % threads_.size()];
@@ -983,6 +1082,7 @@ void SpliceEngine::CloseForTeardown() {
   if (closed_) return;
   closed_ = true;
   StopThreads();
+  ReleasePipeTable();
   notify_.Close();
   addon_.Unregister(static_cast<LoopResource*>(this));
   on_complete_.Reset();

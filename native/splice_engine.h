@@ -37,6 +37,17 @@ struct SpliceSettings {
   int pipe_size = 256 * 1024;
   int max_pipes = 1024;
   int max_idle_pipes = 64;
+  // Crash survival (systemd's fd store): every pipe is made at start, never closed, and numbered; which relay
+  // and direction borrows each one is written to `pipe_owners`, a table in a memfd the service manager keeps,
+  // so a process started after a crash finds the bytes that were in flight and whose they are.
+  bool persistent_pipes = false;
+};
+
+// One pipe of a persistent pool, as JS stores it.
+struct PersistentPipe {
+  int index;
+  int read_end;
+  int write_end;
 };
 
 // Counters shared by the engine's threads and read by JS without locking.
@@ -100,6 +111,11 @@ struct SpliceShared {
   std::mutex outbox_mutex;
   std::vector<RelayCompletionRecord> outbox;
   uv_async_t* notify = nullptr;  // valid while the threads run (they are joined before it is closed)
+  // Persistent pipes: the owner table (one 64-bit word per pipe: 0 = idle, else (relay id << 1 | direction) + 1,
+  // direction 0 = A to B) mapped from `pipe_table_fd`, and every pipe made.
+  uint64_t* pipe_owners = nullptr;
+  int pipe_table_fd = -1;
+  std::vector<PersistentPipe> persistent;
   std::atomic<int64_t> pipes_total{0};  // pipes open, idle ones included: the max-pipes budget
 
   void Complete(const RelayCompletionRecord& record);
@@ -124,11 +140,14 @@ class SpliceEngine final : public Napi::ObjectWrap<SpliceEngine>, public LoopRes
   void Resume(const Napi::CallbackInfo& info);
   void Close(const Napi::CallbackInfo& info);
   void Flush(const Napi::CallbackInfo& info);
+  Napi::Value PipeTable(const Napi::CallbackInfo& info);
 
   static void OnNotify(uv_async_t* handle);
   void DeliverCompletions();
   SpliceThread& ThreadFor(double id);
   void StopThreads();
+  void MakePersistentPool();
+  void ReleasePipeTable();
 
   Fdferry& addon_;
   Napi::AsyncContext async_context_;

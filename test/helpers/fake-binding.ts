@@ -297,6 +297,9 @@ export class FakeBinding implements NativeBinding {
     throw new Error('the fake binding has no datagram sockets');
   }
 
+  pendingBytes(): number {
+    return 0;
+  }
   // Bumblebee's native parts need namespaces and tun devices: they have no fake, and unit tests of its
   // logic inject their own stand-ins.
   createNetworkEnvironment(): never {
