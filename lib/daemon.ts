@@ -19,7 +19,7 @@ import type { QuotaLimits } from './rpc/quotas.js';
 import { ProtocolError } from './protocol/errors.js';
 import { DEFERRED, RpcServer, defineMethod, type MethodTable, type ServerLimits } from './rpc/server.js';
 import type { MailboxLimits } from './rpc/mailbox.js';
-import { chooseListener, takeListenFds } from './systemd/activation.js';
+import { chooseListener, takeListenFds, type PassedFd } from './systemd/activation.js';
 import { Notifier } from './systemd/notify.js';
 import { startWatchdog } from './systemd/watchdog.js';
 import { VERSION } from './version.js';
@@ -55,6 +55,8 @@ export interface DaemonContext {
   binding: NativeBinding;
   server: RpcServer;
   generation: number;
+  /** The service manager's notify socket (a no-op without one). */
+  notifier: Notifier;
 }
 
 /** A service: its methods, its status, its shutdown, and its side of a hand-over. */
@@ -68,9 +70,12 @@ export interface Service extends HandoffParticipant {
   readonly controlMethods?: readonly string[];
   /**
    * Called once when the daemon starts fresh (not as a successor), before it listens: where a service
-   * builds what a successor would import instead (Bumblebee's network environments).
+   * builds what a successor would import instead (Bumblebee's network environments). `passed` are the
+   * fds the service manager gave besides the listener: after a crash, what the fd store kept.
    */
-  start?(): void;
+  start?(passed: PassedFd[]): void;
+  /** Called when the daemon bound its socket itself (no socket activation): a crash must not lose it. */
+  boundListener?(fd: number): void;
   /** Service-specific figures for `status`. */
   status(): Record<string, unknown>;
   /** Called once on SIGTERM/SIGINT; resolves when the service is done. */
@@ -130,7 +135,7 @@ export async function runDaemon(
     helloTimeoutMs: options.helloTimeoutMs ?? 0,
     controlMethods,
   });
-  const context: DaemonContext = { log, binding, server, generation };
+  const context: DaemonContext = { log, binding, server, generation, notifier };
   const service = createService(context);
   controlMethods.push(...(service.controlMethods ?? []));
   const metrics = new DaemonMetrics(serviceName, VERSION, generation);
@@ -347,16 +352,16 @@ export async function runDaemon(
       process.exit(1);
     }
   } else {
-    service.start?.();
-    if (passedFds) {
-      const chosen = chooseListener(binding, passedFds, serviceName);
-      const others = passedFds.filter((passed) => passed !== chosen);
-      if (others.length) log.warn({ fds: others.map((other) => other.name) }, 'socket activation passed fds this daemon does not use: closed');
-      binding.closeAll(others.map((other) => other.fd));
+    const chosen = passedFds ? chooseListener(binding, passedFds, serviceName) : null;
+    const others = passedFds?.filter((passed) => passed !== chosen) ?? [];
+    // Fds beyond the listener are what the fd store kept: the service takes what it knows and closes the rest.
+    service.start?.(others);
+    if (chosen) {
       server.adoptListener(chosen.fd);
       log.info({ name: chosen.name, fd: chosen.fd }, 'adopted the listening socket from the service manager');
     } else {
       server.listen(options.socket);
+      service.boundListener?.(server.listenerFd);
     }
     notifier.send({ READY: 1, STATUS: `generation ${generation}: listening` });
     becomeLive();

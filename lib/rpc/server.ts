@@ -175,6 +175,8 @@ export interface RpcServerEvents {
   disconnect: [connection: ConnectionInfo];
   /** An owner acknowledged a kept result (the mailbox shrank). */
   ack: [ownerKey: string, id: string];
+  /** A kept result expired unacknowledged (its fds were closed). */
+  expire: [ownerKey: string, id: string];
 }
 
 /** A protocol server on one listening socket. */
@@ -804,6 +806,7 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
   }
 
   #logExpiry(entry: MailboxEntry, reason: ExpiryReason): void {
+    this.emit('expire', entry.ownerKey, entry.id);
     this.#log.warn(
       { ownerKey: entry.ownerKey, id: entry.id, event: entry.event, data: entry.data, fds: entry.fds.length, reason, deliveries: entry.deliveries },
       'result expired without acknowledgement; its fds are closed',

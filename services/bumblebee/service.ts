@@ -9,6 +9,7 @@
  */
 import crypto from 'node:crypto';
 import type { DaemonContext, Service } from '../../lib/daemon.js';
+import type { PassedFd } from '../../lib/systemd/activation.js';
 import type { MetricSource, Sample } from '../../lib/metrics.js';
 import type { ExportSummary } from '../../lib/handoff/participant.js';
 import type { PausedPump, PumpEvent, UpgradePump, UpgradePumpOptions } from '../../lib/native.js';
@@ -81,8 +82,11 @@ export class BumblebeeService implements Service {
     }
   }
 
-  start(): void {
+  start(passed: PassedFd[] = []): void {
     const { binding, log } = this.#context;
+    // Bumblebee recovers nothing after a crash (docs/bumblebee.md): whatever a service manager kept is closed.
+    if (passed.length) log.warn({ names: [...new Set(passed.map((p) => p.name))] }, 'fds passed by the service manager that Bumblebee does not use: closed');
+    binding.closeAll(passed.map((p) => p.fd));
     this.#environments = createEnvironments(binding, this.#options.environments, this.#options.environment);
     for (const environment of this.#environments) this.#pump.addEnvironment(pumpEnvironment(environment));
     this.#pump.resume({ flows: [], quarantine: [], cursors: [] });

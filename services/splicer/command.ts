@@ -17,7 +17,8 @@ export function splicerOptions<T>(yargs: Argv<T>) {
     .option('idle-timeout', { type: 'number', default: 0, describe: 'default ms without traffic before a relay ends (0 = never)', group: 'Relays:' })
     .option('max-duration', { type: 'number', default: 0, describe: 'default ms a relay may last (0 = no limit)', group: 'Relays:' })
     .option('shutdown-grace', { type: 'number', default: 30_000, describe: 'on SIGTERM, ms absent owners have to collect envelopes', group: 'Relays:' })
-    .option('audit', { type: 'boolean', default: false, describe: 'log every relay end at info level', group: 'Daemon:' });
+    .option('audit', { type: 'boolean', default: false, describe: 'log every relay end at info level', group: 'Daemon:' })
+    .option('fd-store', { type: 'boolean', default: false, describe: 'survive a crash: keep relays, pipes and a checkpoint in systemd\'s fd store (FileDescriptorStoreMax=)', group: 'Daemon:' });
 }
 
 type SplicerArgv = Awaited<ReturnType<ReturnType<typeof splicerOptions>['parseAsync']>>;
@@ -51,6 +52,7 @@ export function splicerOptionsFrom(argv: SplicerArgv): SplicerOptions {
     maxDurationMs: nonNegative('max-duration', argv.maxDuration),
     shutdownGraceMs: nonNegative('shutdown-grace', argv.shutdownGrace),
     audit: argv.audit,
+    fdStore: argv.fdStore,
   };
 }
 

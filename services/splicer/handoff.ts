@@ -7,6 +7,7 @@ import type { FdDescription } from '../../lib/native.js';
 import type { PausedRelay, RelayOptions } from '../../lib/native-splice.js';
 import { ProtocolError } from '../../lib/protocol/errors.js';
 import { fdKindMismatch } from '../../lib/protocol/fd-kinds.js';
+import type { CrashSurvivalExport } from './crash-survival.js';
 import type { SpliceTask } from './task-table.js';
 
 /** A pipe in the state: fd indices and the bytes it holds. */
@@ -40,6 +41,8 @@ export interface RelayRecord {
 
 /** Splicer's part of the state document (format 1). */
 export interface SplicerState {
+  /** Crash survival's bookkeeping, when the fd store is in use (the successor takes it over). */
+  fdStore?: CrashSurvivalExport;
   nextEngineId: number;
   relaysEnded: number;
   relays: RelayRecord[];

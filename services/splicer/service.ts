@@ -15,6 +15,9 @@ import { ProtocolError } from '../../lib/protocol/errors.js';
 import { defineMethod, type MethodTable } from '../../lib/rpc/server.js';
 import { openFileLimit } from '../../lib/limits.js';
 import { buildEnvelope, snapshotTcp } from './envelope.js';
+import { FdStore } from '../../lib/systemd/fd-store.js';
+import type { PassedFd } from '../../lib/systemd/activation.js';
+import { CrashSurvival, recover, type CrashSurvivalExport } from './crash-survival.js';
 import { exportRelay, importRelay, pausedFds, type SplicerState } from './handoff.js';
 import { parseSpliceRequest, type SpliceRequestLimits, DEFAULT_REQUEST_LIMITS } from './request.js';
 import { TaskTable, type SpliceTask, type TaskLimits } from './task-table.js';
@@ -31,6 +34,8 @@ export interface SplicerOptions {
   shutdownGraceMs: number;
   /** Log every relay's end at info level (an audit trail) instead of debug. */
   audit: boolean;
+  /** Keep relays, pipes and a checkpoint in systemd's fd store, so a crash loses nothing (docs/operations.md). */
+  fdStore: boolean;
 }
 
 /** Event name of an envelope in the owner's mailbox. */
@@ -54,12 +59,32 @@ export class SplicerService implements Service {
   #onIdle: (() => void) | null = null;
   /** Relays paused for a hand-over (exported, or imported and waiting for commit). */
   #paused: PausedRelay[] = [];
+  /** The fd store bookkeeping, when crash survival is on and a service manager listens. */
+  #crash: CrashSurvival | null = null;
+  /** A predecessor's fd store bookkeeping, taken over once the imported relays run. */
+  #inheritedCrash: CrashSurvivalExport | null = null;
+  #fdStore: FdStore | null = null;
 
   constructor(context: DaemonContext, options: SplicerOptions) {
     this.#context = context;
     this.#options = options;
     this.#tasks = new TaskTable(options.tasks);
-    this.#engine = context.binding.createSpliceEngine(options.engine, (completions) => this.#onCompletions(completions));
+    const fdStore = options.fdStore && context.notifier.enabled;
+    if (options.fdStore && !fdStore) context.log.warn('--fd-store needs a service manager (NOTIFY_SOCKET): crash survival is off');
+    this.#engine = context.binding.createSpliceEngine({ ...options.engine, persistentPipes: fdStore }, (completions) => this.#onCompletions(completions));
+    if (fdStore) {
+      let lastWarning = 0;
+      const store = new FdStore(context.notifier, context.binding, (error) => {
+        if (Date.now() - lastWarning < 10_000) return;
+        lastWarning = Date.now();
+        context.log.warn({ err: error, failures: store.failures }, 'the service manager did not take an fd store message: a crash now would lose what it was about');
+      });
+      this.#fdStore = store;
+      this.#crash = new CrashSurvival(context.binding, store, context.log, this.#bootId);
+      const gone = (_ownerKey: string, id: string) => this.#crash?.resultGone(id);
+      context.server.on('ack', gone);
+      context.server.on('expire', gone);
+    }
     const stats = this.#engine.stats();
     context.log.info({ engine: options.engine, pipeSizeMin: stats.pipeSizeMin, limits: options.tasks }, 'splice engine started');
     // Each relay holds 2 fds, each borrowed pipe 2 more; client connections and kept envelopes come on top.
@@ -97,6 +122,7 @@ export class SplicerService implements Service {
           };
           this.#engine.add(engineId, task.fdA, task.fdB, params.relay);
           this.#tasks.add(task);
+          this.#crash?.taskStarted(task);
           this.#relaysStarted++;
           log.debug({ taskId: task.taskId }, 'relay started');
           return { result: { taskId: task.taskId } };
@@ -161,6 +187,46 @@ export class SplicerService implements Service {
     };
   }
 
+  /**
+   * A fresh start. After a crash, what the fd store kept comes back here: relays are resumed (with the
+   * bytes that were in their pipes) and unacknowledged envelopes go back to their owners' mailboxes.
+   */
+  start(passed: PassedFd[] = []): void {
+    const { binding, log, server } = this.#context;
+    if (!this.#crash) {
+      if (passed.length) log.warn({ names: [...new Set(passed.map((p) => p.name))] }, 'fds passed by the service manager that are not used without --fd-store: closed');
+      binding.closeAll(passed.map((p) => p.fd));
+      return;
+    }
+    const recovery = passed.length ? recover(binding, log, passed) : null;
+    const pool = this.#engine.pipeTable()!;
+    if (!recovery) {
+      this.#crash.begin(pool, [], []);
+      return;
+    }
+    for (const { task, paused } of recovery.relays) {
+      this.#tasks.add(task);
+      this.#engine.resume(paused);
+    }
+    this.#nextEngineId = Math.max(this.#nextEngineId, recovery.maxEngineId + 1);
+    for (const envelope of recovery.envelopes) server.deliver(envelope.ownerKey, ENVELOPE_EVENT, envelope.taskId, envelope.envelope, envelope.fds);
+    this.#crash.begin(
+      pool,
+      recovery.relays.map((r) => r.task),
+      recovery.envelopes.map((e) => ({ op: 'end' as const, taskId: e.taskId, ownerKey: e.ownerKey, envelope: e.envelope })),
+    );
+    this.#crash.forget(recovery.staleNames);
+    log.warn(
+      { relays: recovery.relays.length, envelopes: recovery.envelopes.length, bytesInPipes: recovery.bytesInPipes },
+      'recovered after a crash: relays resumed from the fd store, envelopes back in their mailboxes',
+    );
+  }
+
+  boundListener(fd: number): void {
+    // The socket this process bound must outlive a crash, so clients never find it gone.
+    if (this.#crash) this.#fdStore?.store(this.name, [fd]);
+  }
+
   metricSources(): MetricSource[] {
     return [
       { name: 'fdferry_tasks_active', help: 'Tasks running (Splicer: relays)', type: 'gauge', read: () => [[{}, this.#tasks.size]] },
@@ -209,6 +275,7 @@ export class SplicerService implements Service {
       return task ? [exportRelay(task, paused, fds)] : [];
     });
     const state: SplicerState = { nextEngineId: this.#nextEngineId, relaysEnded: this.#relaysEnded, relays };
+    if (this.#crash) state.fdStore = this.#crash.export();
     const bytesInFlight = this.#paused.reduce((sum, p) => sum + (p.pipeAToB?.bytes ?? 0) + (p.pipeBToA?.bytes ?? 0), 0);
     return { state: state as unknown as Record<string, unknown>, summary: { tasks: relays.length, bytesInFlight } };
   }
@@ -226,6 +293,8 @@ export class SplicerService implements Service {
       if (task) this.#tasks.remove(task);
     }
     this.#paused = [];
+    // The successor keeps the fd store current from here on.
+    this.#crash = null;
     this.#engine.close();
   }
 
@@ -241,6 +310,7 @@ export class SplicerService implements Service {
       this.#paused.push(paused);
     }
     this.#nextEngineId = Math.max(this.#nextEngineId, splicer.nextEngineId);
+    this.#inheritedCrash = splicer.fdStore ?? null;
     this.#relaysEnded = splicer.relaysEnded ?? 0;
     const bytesInFlight = this.#paused.reduce((sum, p) => sum + (p.pipeAToB?.bytes ?? 0) + (p.pipeBToA?.bytes ?? 0), 0);
     return { tasks: imported.length, bytesInFlight };
@@ -249,6 +319,12 @@ export class SplicerService implements Service {
   resumeImported(): void {
     for (const paused of this.#paused) this.#engine.resume(paused);
     this.#paused = [];
+    if (this.#crash) {
+      // Our own pool and checkpoint replace the predecessor's; its relays' and envelopes' sockets stay stored.
+      this.#crash.begin(this.#engine.pipeTable()!, this.#tasks.all(), this.#inheritedCrash?.ended ?? []);
+      this.#crash.forget(this.#inheritedCrash?.names ?? []);
+    }
+    this.#inheritedCrash = null;
   }
 
   /**
@@ -311,6 +387,7 @@ export class SplicerService implements Service {
       };
       if (this.#options.audit) log.info(record, 'relay ended');
       else log.debug(record, 'relay ended');
+      this.#crash?.taskEnded(task.taskId, task.ownerKey, envelope as unknown as Record<string, unknown>);
       server.deliver(task.ownerKey, ENVELOPE_EVENT, task.taskId, envelope as unknown as Record<string, unknown>, [task.fdA, task.fdB]);
     }
     if (this.#tasks.size === 0 && this.#onIdle) {
