@@ -1,12 +1,13 @@
 // The crash checkpoint's layout: complete records are read back in order; a torn or corrupted tail is
 // detected and never mistaken for state. No root, no addon: the memfd is a temporary file here.
 import t from 'tap';
+import type { Test } from 'tap';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Checkpoint, readCheckpoint } from '../../lib/systemd/checkpoint.js';
 
-const make = (t: Parameters<Parameters<typeof t.test>[1]>[0]) => {
+const make = (t: Test) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fdf-ckpt-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const fds: number[] = [];
