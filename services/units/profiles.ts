@@ -32,6 +32,8 @@ export interface DaemonProfile<Options = unknown> {
   devices: { private: true; why: string } | { private: false; allow: Reasoned[] };
   /** Whether /proc/sys may stay writable (ProtectKernelTunables= off), and why. */
   writesKernelTunables: Reasoned | null;
+  /** Arguments ExecStart= adds (crash survival, where the daemon has it). */
+  startArgs: Reasoned[];
   /** The effective settings the unit is sized from. */
   sizing(common: CommonDaemonOptions, options: Options): { shutdownGraceMs: number; fds: number };
 }
@@ -51,6 +53,7 @@ const splicer: DaemonProfile<SplicerOptions> = {
   ],
   addressFamilies: [UNIX, { value: 'AF_INET AF_INET6', why: 'only a loopback metrics listener would create one; relayed sockets are handed in' }],
   namespaces: { value: 'yes', why: 'Splicer creates no namespace' },
+  startArgs: [{ value: '--fd-store', why: 'crash survival: relays, pipes and a checkpoint are kept in the fd store, and a restarted Splicer resumes every relay (docs/operations.md)' }],
   devices: { private: true, why: 'Splicer opens no device' },
   writesKernelTunables: null,
   sizing: (common, options) => ({
@@ -80,6 +83,8 @@ const bumblebee: DaemonProfile<BumblebeeOptions> = {
     why: 'Bumblebee unshares network namespaces and setns()es into them with CLONE_NEWNET (never 0); every other kind stays forbidden',
   },
   devices: { private: false, allow: [{ value: '/dev/net/tun rw', why: 'one tun device per namespace' }] },
+  // A crashed Bumblebee's tun goes with it (docs/bumblebee.md), so there is nothing to keep in the fd store.
+  startArgs: [],
   writesKernelTunables: {
     value: 'no',
     why: 'Bumblebee writes per-namespace sysctls (rp_filter, somaxconn, tcp_max_syn_backlog, addr_gen_mode) in its own namespaces',

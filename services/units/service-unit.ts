@@ -60,10 +60,11 @@ export function renderServiceUnit(input: ServiceUnitInput): string {
     },
     {
       key: 'ExecStart',
-      value: fdferry(service, ...socketArgs),
+      value: fdferry(service, ...socketArgs, ...profile.startArgs.map((arg) => arg.value)),
       why:
         'The socket path is fixed here (a "socket" key in the config file is overridden) and must match ' +
-        `ListenSequentialPacket= in ${layout.socketUnit}. Every other setting comes from ${layout.configFile}.`,
+        `ListenSequentialPacket= in ${layout.socketUnit}. Every other setting comes from ${layout.configFile}.` +
+        profile.startArgs.map((arg) => ` ${arg.value}: ${arg.why}.`).join(''),
     },
     {
       key: 'ExecReload',
