@@ -19,6 +19,7 @@ export const benchmarks = {
   ipc: () => import('./ipc.js'),
   splicer: () => import('./splicer.js'),
   handoff: () => import('./handoff.js'),
+  fdstore: () => import('./fdstore.js'),
   bumblebee: () => import('./bumblebee.js'),
 } satisfies Record<string, () => Promise<BenchModule>>;
 

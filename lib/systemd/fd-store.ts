@@ -4,7 +4,6 @@
  * stored with `FDPOLL=0`: systemd would otherwise drop a socket whose peer hangs up, and a relay's sockets
  * must stay until the relay's owner has them back. Names are ≤ 255 characters without `:`.
  */
-import type { NativeBinding } from '../native.js';
 import type { PassedFd } from './activation.js';
 import type { Notifier } from './notify.js';
 
@@ -14,68 +13,26 @@ const MAX_FDS = 253;
 /** The fd store of the running service. */
 export class FdStore {
   readonly #notifier: Notifier;
-  readonly #binding: Pick<NativeBinding, 'dup' | 'closeAll'>;
   readonly #onFailure: (error: Error) => void;
-  /**
-   * Messages waiting because the service manager's socket was full (EAGAIN: its queue holds a few
-   * hundred datagrams), in order, each with duplicates of its fds: the originals may be closed meanwhile.
-   */
-  readonly #backlog: Array<{ fields: Record<string, string | number>; fds: number[] }> = [];
-  #retry: NodeJS.Timeout | null = null;
   /** Messages the service manager could not take (gone, or refusing them). */
   failures = 0;
 
-  constructor(notifier: Notifier, binding: Pick<NativeBinding, 'dup' | 'closeAll'>, onFailure: (error: Error) => void = () => {}) {
+  constructor(notifier: Notifier, onFailure: (error: Error) => void = () => {}) {
     this.#notifier = notifier;
-    this.#binding = binding;
     this.#onFailure = onFailure;
   }
 
-  /** Messages not sent yet. */
-  get pending(): number {
-    return this.#backlog.length;
-  }
-
-  /** A lost fd store message costs crash protection for one entry; it must never fail the request. */
+  /**
+   * A lost fd store message costs crash protection for one entry; it must never fail the request. (A full
+   * socket is not a loss: the notifier keeps the message, with its fds, until there is room.)
+   */
   #send(fields: Record<string, string | number>, fds: number[] = []): void {
-    if (this.#backlog.length === 0) {
-      try {
-        this.#notifier.send(fields, fds);
-        return;
-      } catch (error) {
-        if ((error as NodeJS.ErrnoException).code !== 'EAGAIN') return this.#failed(error as Error);
-      }
+    try {
+      this.#notifier.send(fields, fds);
+    } catch (error) {
+      this.failures++;
+      this.#onFailure(error as Error);
     }
-    this.#backlog.push({ fields, fds: fds.map((fd) => this.#binding.dup(fd)) });
-    this.#schedule();
-  }
-
-  #schedule(): void {
-    if (this.#retry) return;
-    this.#retry = setTimeout(() => {
-      this.#retry = null;
-      this.#flush();
-    }, 2);
-    this.#retry.unref();
-  }
-
-  #flush(): void {
-    while (this.#backlog.length) {
-      const head = this.#backlog[0]!;
-      try {
-        this.#notifier.send(head.fields, head.fds);
-      } catch (error) {
-        if ((error as NodeJS.ErrnoException).code === 'EAGAIN') return this.#schedule();
-        this.#failed(error as Error);
-      }
-      this.#backlog.shift();
-      this.#binding.closeAll(head.fds);
-    }
-  }
-
-  #failed(error: Error): void {
-    this.failures++;
-    this.#onFailure(error);
   }
 
   /** Stores `fds` under `name` (the service manager keeps its own copies). */

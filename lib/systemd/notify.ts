@@ -10,7 +10,7 @@ import net from 'node:net';
 import type { NativeBinding } from '../native.js';
 
 /** The native calls notification needs. */
-export type NotifyBinding = Pick<NativeBinding, 'datagramSocket' | 'datagramSend' | 'streamPair' | 'closeAll'>;
+export type NotifyBinding = Pick<NativeBinding, 'datagramSocket' | 'datagramSend' | 'streamPair' | 'closeAll' | 'dup'>;
 
 /** Largest datagram systemd reads (PIPE_BUF). */
 const MAX_NOTIFY_BYTES = 4096;
@@ -20,6 +20,13 @@ export class Notifier {
   readonly #binding: NotifyBinding;
   readonly #address: string | null;
   #fd = -1;
+  /**
+   * Datagrams the service manager's socket had no room for (EAGAIN: a datagram socket queues only
+   * net.unix.max_dgram_qlen of them), in order, each with duplicates of its fds (the originals may be
+   * closed meanwhile). Everything sent after one waits behind it, so the order systemd sees is ours.
+   */
+  readonly #backlog: Array<{ data: Buffer; fds: number[] }> = [];
+  #retry: NodeJS.Timeout | null = null;
 
   constructor(binding: NotifyBinding, env: NodeJS.ProcessEnv = process.env) {
     this.#binding = binding;
@@ -41,7 +48,43 @@ export class Notifier {
       .join('\n');
     const data = Buffer.from(text, 'utf8').subarray(0, MAX_NOTIFY_BYTES);
     if (this.#fd < 0) this.#fd = this.#binding.datagramSocket();
-    this.#binding.datagramSend(this.#fd, this.#address, data, fds);
+    if (this.#backlog.length === 0) {
+      try {
+        this.#binding.datagramSend(this.#fd, this.#address, data, fds);
+        return;
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== 'EAGAIN') throw error;
+      }
+    }
+    this.#backlog.push({ data, fds: fds.map((fd) => this.#binding.dup(fd)) });
+    this.#scheduleRetry();
+  }
+
+  /** Datagrams waiting for room in the service manager's socket. */
+  get pending(): number {
+    return this.#backlog.length;
+  }
+
+  #scheduleRetry(): void {
+    if (this.#retry) return;
+    this.#retry = setTimeout(() => {
+      this.#retry = null;
+      this.#flush();
+    }, 2);
+  }
+
+  #flush(): void {
+    while (this.#backlog.length && this.#fd >= 0 && this.#address) {
+      const head = this.#backlog[0]!;
+      try {
+        this.#binding.datagramSend(this.#fd, this.#address, head.data, head.fds);
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code === 'EAGAIN') return this.#scheduleRetry();
+        // The service manager is gone (or refuses it): nothing more can be said.
+      }
+      this.#backlog.shift();
+      this.#binding.closeAll(head.fds);
+    }
   }
 
   /**
@@ -72,8 +115,12 @@ export class Notifier {
     });
   }
 
-  /** Closes the sending socket. */
+  /** Closes the sending socket, after trying once more to send what waits (a last STOPPING=1, say). */
   close(): void {
+    this.#flush();
+    if (this.#retry) clearTimeout(this.#retry);
+    this.#retry = null;
+    for (const waiting of this.#backlog.splice(0)) this.#binding.closeAll(waiting.fds);
     if (this.#fd >= 0) this.#binding.closeAll([this.#fd]);
     this.#fd = -1;
   }

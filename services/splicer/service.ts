@@ -74,7 +74,7 @@ export class SplicerService implements Service {
     this.#engine = context.binding.createSpliceEngine({ ...options.engine, persistentPipes: fdStore }, (completions) => this.#onCompletions(completions));
     if (fdStore) {
       let lastWarning = 0;
-      const store = new FdStore(context.notifier, context.binding, (error) => {
+      const store = new FdStore(context.notifier, (error) => {
         if (Date.now() - lastWarning < 10_000) return;
         lastWarning = Date.now();
         context.log.warn({ err: error, failures: store.failures }, 'the service manager did not take an fd store message: a crash now would lose what it was about');
