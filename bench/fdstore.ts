@@ -107,8 +107,13 @@ async function measure(system: System, relays: number, concurrency: number): Pro
       }),
     );
     const seconds = (performance.now() - started) / 1000;
-    // Acknowledgements travel after the envelopes: let the last ones reach the daemon and its store.
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    // Acknowledgements, and the removals they cause, travel after the envelopes (and wait their turn when
+    // the notify socket is full): count messages once the store has stopped changing.
+    let last = -1;
+    for (let waited = 0; waited < 20_000 && manager.storedFds() !== last; waited += 500) {
+      last = manager.storedFds();
+      await new Promise((resolve) => setTimeout(resolve, 500));
+    }
     return { perS: relays / seconds, notifyMessages: (manager.messages() - before) / relays, storedFdsAfter: manager.storedFds() };
   } finally {
     client.close();
