@@ -109,6 +109,10 @@ function print(options: CtlArguments, result: Record<string, unknown>): void {
     }
     return;
   }
+  if (options.command === 'status' && !options.json) {
+    printStatus(result);
+    return;
+  }
   if (options.json || (options.command !== 'tasks' && options.command !== 'flows')) {
     console.log(JSON.stringify(result, null, options.json ? 0 : 2));
     return;
@@ -130,6 +134,25 @@ function print(options: CtlArguments, result: Record<string, unknown>): void {
   });
   table(flows, ['taskId', 'owner', 'tenant', 'client', 'destination', 'state', 'packetsIn', 'packetsOut', 'idleMs']);
   console.log(`${flows.length} flow(s)`);
+}
+
+/** `status` for humans: one aligned `name  value` line per figure, nested figures as dotted names. */
+function printStatus(result: Record<string, unknown>): void {
+  const lines: Array<[string, string]> = [];
+  const walk = (value: unknown, name: string) => {
+    if (Array.isArray(value) && value.every((item) => typeof item === 'object' && item !== null && 'id' in item)) {
+      for (const item of value as Array<Record<string, unknown>>) walk(item, `${name}[${String(item.id)}]`);
+    } else if (typeof value === 'object' && value !== null && !Array.isArray(value)) {
+      const entries = Object.entries(value as Record<string, unknown>);
+      if (entries.length === 0) lines.push([name, '-']);
+      for (const [key, inner] of entries) walk(inner, name ? `${name}.${key}` : key);
+    } else {
+      lines.push([name, Array.isArray(value) ? value.join(', ') : String(value)]);
+    }
+  };
+  walk(result, '');
+  const width = Math.max(...lines.map(([name]) => name.length));
+  for (const [name, value] of lines) console.log(`${name.padEnd(width)}  ${value}`);
 }
 
 function table(rows: Array<Record<string, unknown>>, columns: string[]): void {

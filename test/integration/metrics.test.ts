@@ -86,6 +86,9 @@ t.test('Splicer: counters match three relays, over ctl and over HTTP', async (t)
   t.equal(samples.get('fdferry_tasks_active{service="splicer"}'), 0, 'none running');
   t.ok((samples.get('fdferry_open_fds{service="splicer"}') ?? 0) > 0, 'fds in use are reported');
   t.equal(samples.get(`fdferry_info{version="${VERSION}",generation="1",service="splicer"}`), 1, 'version and generation');
+  const status = (await run(command, [...args, 'ctl', 'splicer', 'status', '--socket', daemon.socket])).stdout;
+  t.match(status, /^relaysEnded\s+3$/m, '`ctl splicer status` is one aligned line per figure for humans');
+  t.match(status, /^engine\.bytesTotal\s+3000$/m);
   const overHttp = parseExposition(await httpGet(port));
   t.equal(overHttp.get('fdferry_splicer_relays_ended_total{reason="complete",service="splicer"}'), 3, 'the same figures over HTTP');
 });

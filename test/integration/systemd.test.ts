@@ -108,3 +108,21 @@ t.test('watchdog: pings at half WATCHDOG_USEC from the live generation, across a
   const status = notify.received.items.find((m) => m.fields.STATUS?.startsWith('generation 1: listening'));
   t.ok(status, 'STATUS= says what the daemon is doing');
 });
+
+t.test('notify messages in order at start and stop: READY=1 with STATUS=, then STOPPING=1 before the exit', async (t) => {
+  const dir = tempDir(t);
+  const notify = notifySocket(t, dir, (message) => {
+    binding.closeAll(message.fds);
+    message.fds.length = 0;
+  });
+  const daemon = await startDaemon(t, 'bumblebee', [], { dir, env: { NOTIFY_SOCKET: notify.address } });
+  daemon.kill('SIGTERM');
+  t.equal(await daemon.exited, 0, 'a clean stop');
+  const fields = notify.received.items.map((m) => m.fields);
+  const ready = fields.findIndex((f) => f.READY === '1');
+  const stopping = fields.findIndex((f) => f.STOPPING === '1');
+  t.ok(ready >= 0 && stopping > ready, `READY=1 (message ${ready}) comes before STOPPING=1 (message ${stopping})`);
+  t.match(fields[ready]!.STATUS, /^generation 1: listening/, 'READY=1 says what the daemon does');
+  t.match(fields[stopping]!.STATUS, /^stopping: SIGTERM/, 'STOPPING=1 says why');
+  t.equal(fields.slice(stopping + 1).filter((f) => f.READY === '1').length, 0, 'nothing claims readiness after it');
+});
