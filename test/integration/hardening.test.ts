@@ -114,7 +114,8 @@ t.test('quotas: fds in flight per uid and request rate are enforced, with the fd
   const pinger = await control(t, splicer);
   const outcomes = await Promise.all(Array.from({ length: 60 }, () => pinger.request('ping').then(() => 'ok', (error: ProtocolError) => error.details?.limit ?? error.code)));
   const ok = outcomes.filter((o) => o === 'ok').length;
-  t.ok(ok >= 15 && ok <= 25, `about 20 of 60 pings at once pass a 20/s quota (${ok})`);
+  // 20 tokens at once, plus what refills while the 60 are being answered on a busy machine.
+  t.ok(ok >= 15 && ok <= 40, `about 20 of 60 pings at once pass a 20/s quota (${ok})`);
   t.ok(outcomes.every((o) => o === 'ok' || o === 'requestRatePerUid'), 'the rest are refused naming the limit');
   await splicer.waitForLog((line) => String(line.msg).startsWith('request refused: uid 0 sends more than 20 requests per second'));
 });

@@ -96,7 +96,9 @@ t.test('watchdog: pings at half WATCHDOG_USEC from the live generation, across a
   t.ok((await waitPings(6)) >= 6, 'the watchdog is pinged');
   const times = pings().slice(1, 6).map((m) => m.at);
   const gaps = times.slice(1).map((at, i) => at - times[i]!);
-  t.ok(gaps.every((gap) => gap >= 50 && gap <= 250), `about every 100 ms for WATCHDOG_USEC=200000 (${gaps.join(', ')} ms)`);
+  // Timer-driven in the daemon; the margins are for a loaded machine delivering them late or in pairs.
+  const average = (times[times.length - 1]! - times[0]!) / gaps.length;
+  t.ok(average >= 70 && average <= 200, `about every 100 ms for WATCHDOG_USEC=200000 (${gaps.join(', ')} ms)`);
   const before = pings().length;
   const { report } = await reload('splicer', daemon.socket);
   t.equal(report.ok, true, 'a hand-over');
