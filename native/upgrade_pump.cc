@@ -309,6 +309,11 @@ class PumpThread {
     raw->listener6_tag.fd = raw->listener6_fd;
     raw->by_slot.assign(raw->slots, nullptr);
     raw->freed_at.assign(raw->slots, 0);
+    // Set once on the listeners rather than on every accepted socket: Linux copies keepalive and
+    // TCP_USER_TIMEOUT into the sockets a listener accepts (and starts their keepalive timer).
+    for (int listener : {raw->listener4_fd, raw->listener6_fd}) {
+      if (listener >= 0) Tune(listener);
+    }
     environments_[raw->id] = std::move(environment);
     if (!paused_) WatchEnvironment(raw);
   }
@@ -850,7 +855,6 @@ class PumpThread {
         close(fd);
         continue;
       }
-      Tune(fd);
       flow->state = Flow::kEstablished;
       env.pending--;
       env.flows++;
@@ -867,8 +871,8 @@ class PumpThread {
     }
   }
 
-  // Keepalive and TCP_USER_TIMEOUT: if Bumblebee dies, its tun goes with it and nothing would ever tell a quiet
-  // socket; these make it fail within a bounded time instead of hanging forever.
+  // Keepalive and TCP_USER_TIMEOUT (on a listener, inherited by what it accepts): if Bumblebee dies, its tun goes
+  // with it and nothing would ever tell a quiet socket; these make it fail within a bounded time instead.
   void Tune(int fd) {
     if (settings_.keepalive_idle_s > 0) {
       int on = 1;
