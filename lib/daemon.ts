@@ -354,8 +354,8 @@ export async function runDaemon(
   } else {
     const chosen = passedFds ? chooseListener(binding, passedFds, serviceName) : null;
     const others = passedFds?.filter((passed) => passed !== chosen) ?? [];
-    // Fds beyond the listener are what the fd store kept: the service takes what it knows and closes the rest.
-    service.start?.(others);
+    // The listener first (and, bound here, into the fd store first): a crash from now on always finds it.
+    // Nothing is accepted before start() has run: accepting happens on the loop, after this function.
     if (chosen) {
       server.adoptListener(chosen.fd);
       log.info({ name: chosen.name, fd: chosen.fd }, 'adopted the listening socket from the service manager');
@@ -363,6 +363,8 @@ export async function runDaemon(
       server.listen(options.socket);
       service.boundListener?.(server.listenerFd);
     }
+    // Fds beyond the listener are what the fd store kept: the service takes what it knows and closes the rest.
+    service.start?.(others);
     notifier.send({ READY: 1, STATUS: `generation ${generation}: listening` });
     becomeLive();
     log.info({ socket: passedFds ? '(socket activation)' : options.socket, version: VERSION, node: process.version }, `${serviceName} listening`);

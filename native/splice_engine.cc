@@ -181,6 +181,42 @@ class SpliceThread {
     thread_.join();
   }
 
+  // A resumed relay's pipe, in a persistent engine, must be one the owner table can name: a pool pipe given
+  // back by a rollback is marked again; a pipe from elsewhere (a predecessor, a crashed process) has its bytes
+  // moved into a pool pipe (pipe to pipe, no copy) and is closed, so a crash from now on still finds them.
+  void TakeIntoPool(Relay* relay, Direction& d) {
+    if (!d.pipe.valid()) return;
+    if (d.pipe.index >= 0) {
+      MarkOwner(d.pipe, relay, &d);
+      return;
+    }
+    if (!shared_->settings.persistent_pipes || idle_pipes_.empty()) return;
+    Pipe pool = idle_pipes_.back();
+    // At least as many slots as the source: a pipe-to-pipe splice then moves every buffer in one go, so the
+    // bytes are never split between two pipes (which would reorder them).
+    if (pool.size < d.pipe.size) return;
+    uint64_t moved = 0;
+    while (moved < d.in_pipe) {
+      ssize_t n = splice(d.pipe.read_end, nullptr, pool.write_end, nullptr, d.in_pipe - moved, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+      if (n <= 0) break;
+      moved += static_cast<uint64_t>(n);
+    }
+    if (moved != d.in_pipe) {
+      // Cannot happen with the slot check above; if it does, move back what went over and keep the old pipe.
+      while (moved > 0) {
+        ssize_t n = splice(pool.read_end, nullptr, d.pipe.write_end, nullptr, moved, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (n <= 0) break;
+        moved -= static_cast<uint64_t>(n);
+      }
+      return;
+    }
+    idle_pipes_.pop_back();
+    shared_->counters.pipes_idle--;
+    Pipe adopted = std::exchange(d.pipe, pool);
+    DestroyPipe(adopted);  // it was counted in use; the pool pipe now is
+    MarkOwner(d.pipe, relay, &d);
+  }
+
   // Makes `count` pipes for the persistent pool, numbered from `first`, and hands them out for storing.
   std::vector<PersistentPipe> MakePersistentPipes(int first, int count) {
     std::vector<PersistentPipe> made;
@@ -207,6 +243,8 @@ class SpliceThread {
 
   void Add(std::unique_ptr<Relay> relay) {
     Relay* raw = relay.get();
+    TakeIntoPool(raw, raw->ab);
+    TakeIntoPool(raw, raw->ba);
     relays_[raw->id] = std::move(relay);
     shared_->counters.relays++;
     if (raw->idle_timeout_ms > 0 || raw->max_duration_ms > 0) timed_relays_++;
@@ -259,6 +297,8 @@ class SpliceThread {
       record.max_bytes_ab = static_cast<double>(relay->ab.cap);
       record.max_bytes_ba = static_cast<double>(relay->ba.cap);
       record.started_at = relay->started_wall;
+      record.pipe_index_ab = relay->ab.pipe.index;
+      record.pipe_index_ba = relay->ba.pipe.index;
       ExportDirection(relay->ab, record.preface_ab, record.bytes_ab, record.finished_ab, record.eof_ab, record.pipe_ab,
                       record.pipe_bytes_ab);
       ExportDirection(relay->ba, record.preface_ba, record.bytes_ba, record.finished_ba, record.eof_ba, record.pipe_ba,
@@ -606,6 +646,9 @@ class SpliceThread {
   }
 
   bool PipeAvailable() const {
+    // A persistent pool never makes new pipes: only an idle one can be had (else waiting relays would be
+    // woken for a pipe BorrowPipe will not make, forever).
+    if (shared_->settings.persistent_pipes) return !idle_pipes_.empty();
     return !idle_pipes_.empty() || shared_->pipes_total.load() < shared_->settings.max_pipes;
   }
 
@@ -776,13 +819,14 @@ std::unique_ptr<Relay> NewRelay(Napi::Env env, double id, int fd_a, int fd_b, co
   return relay;
 }
 
-Napi::Object PipeObject(Napi::Env env, const int (&fds)[2], uint64_t bytes) {
+Napi::Object PipeObject(Napi::Env env, const int (&fds)[2], uint64_t bytes, int index) {
   Napi::Object pipe = Napi::Object::New(env);
   Napi::Array pair = Napi::Array::New(env, 2);
   pair.Set(0u, fds[0]);
   pair.Set(1u, fds[1]);
   pipe.Set("fds", pair);
   pipe.Set("bytes", static_cast<double>(bytes));
+  if (index >= 0) pipe.Set("index", index);
   return pipe;
 }
 
@@ -1001,8 +1045,8 @@ Napi::Value SpliceEngine::PauseAll(const Napi::CallbackInfo& info) {
       object.Set("finishedBToA", r.finished_ba);
       object.Set("eofAToB", r.eof_ab);
       object.Set("eofBToA", r.eof_ba);
-      object.Set("pipeAToB", r.pipe_ab[0] >= 0 ? PipeObject(env, r.pipe_ab, r.pipe_bytes_ab) : env.Null());
-      object.Set("pipeBToA", r.pipe_ba[0] >= 0 ? PipeObject(env, r.pipe_ba, r.pipe_bytes_ba) : env.Null());
+      object.Set("pipeAToB", r.pipe_ab[0] >= 0 ? PipeObject(env, r.pipe_ab, r.pipe_bytes_ab, r.pipe_index_ab) : env.Null());
+      object.Set("pipeBToA", r.pipe_ba[0] >= 0 ? PipeObject(env, r.pipe_ba, r.pipe_bytes_ba, r.pipe_index_ba) : env.Null());
       object.Set("startedAt", r.started_at);
       paused.Set(index++, object);
     }
@@ -1044,6 +1088,9 @@ void SpliceEngine::Resume(const Napi::CallbackInfo& info) {
     if (size < 0) throw ErrnoException(env, errno, "fcntl");
     direction->pipe.size = size;
     direction->in_pipe = static_cast<uint64_t>(NumberField(pipe, "bytes", 0, 0, kMaxSafeInteger));
+    // A number is given back only on a rollback, to the engine that numbered the pipe: it rejoins the pool.
+    double index = NumberField(pipe, "index", -1, -1, kMaxSafeInteger);
+    if (shared_->settings.persistent_pipes && index >= 0 && index < shared_->settings.max_pipes) direction->pipe.index = static_cast<int>(index);
     adopted++;
   }
   // From here the pipes are the engine's: they count toward the pipe budget like any it created.

@@ -101,6 +101,9 @@ struct PausedRelayRecord {
   int pipe_ba[2] = {-1, -1};
   uint64_t pipe_bytes_ab = 0;
   uint64_t pipe_bytes_ba = 0;
+  // The pipes' numbers in a persistent pool (-1 otherwise): a rollback puts them back where they were.
+  int pipe_index_ab = -1;
+  int pipe_index_ba = -1;
   double started_at = 0;
 };
 

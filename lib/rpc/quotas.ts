@@ -34,7 +34,7 @@ class Bucket {
     this.#at = now;
   }
   take(now: number): boolean {
-    this.#tokens = Math.min(this.rate, this.#tokens + ((now - this.#at) / 1000) * this.rate);
+    this.#tokens = Math.min(this.rate, this.#tokens + (Math.max(0, now - this.#at) / 1000) * this.rate);
     this.#at = now;
     if (this.#tokens < 1) return false;
     this.#tokens -= 1;
@@ -55,7 +55,8 @@ export class Quotas {
   readonly #ownerBuckets = new Map<string, Bucket>();
   readonly #now: () => number;
 
-  constructor(limits: QuotaLimits, now: () => number = () => Date.now()) {
+  /** `now` is monotonic (ms): a wall clock stepped back would otherwise refuse everyone for that long. */
+  constructor(limits: QuotaLimits, now: () => number = () => performance.now()) {
     this.limits = limits;
     this.#now = now;
   }

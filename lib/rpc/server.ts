@@ -141,6 +141,7 @@ export interface ServerCounters {
 }
 
 interface Connection extends ConnectionInfo {
+  groups: number[];
   channel: Channel;
   inflight: number;
   log: Logger;
@@ -155,6 +156,8 @@ export interface ExportedConnection {
   fd: number;
   id: number;
   peer: PeerCredentials;
+  /** The peer's supplementary groups as read when it connected (its pid may be gone or reused since). */
+  groups?: number[];
   owner: string | null;
   ownerKey: string | null;
   connectedAt: number;
@@ -359,6 +362,7 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
         fd: index(connection.channel.fd),
         id: connection.id,
         peer: connection.peer,
+        groups: connection.groups,
         owner: connection.owner,
         ownerKey: connection.ownerKey,
         connectedAt: connection.connectedAt,
@@ -495,7 +499,8 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
       return null;
     }
     // Checked before a single message is read: a peer that may not use the daemon learns nothing from it.
-    const access = accessOf(this.#access, peer, peerGroups(peer.pid));
+    const groups = restored ? (restored.groups ?? []) : peerGroups(peer.pid);
+    const access = accessOf(this.#access, peer, groups);
     if (!access.connect) {
       this.#deny(channel, peer, `uid ${peer.uid} (gid ${peer.gid}) is not allowed to use this daemon`, 'not on the allow-list');
       return null;
@@ -509,6 +514,7 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
     const connection: Connection = {
       id,
       control: access.control,
+      groups,
       peer,
       owner: restored?.owner ?? null,
       ownerKey: restored?.ownerKey ?? null,

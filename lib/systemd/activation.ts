@@ -48,19 +48,26 @@ const SOCK_SEQPACKET = 5;
 
 /**
  * Picks the daemon's listener among the passed fds: the one named after the service, else the only
- * one. Throws a clear error when there is none, or it is not a listening AF_UNIX SOCK_SEQPACKET socket.
+ * listening AF_UNIX SOCK_SEQPACKET socket. Null when there is none (after a crash the fd store may hold
+ * everything but the listener: the daemon then binds its socket itself). Throws a clear error when the fd
+ * named after the service is not a listening AF_UNIX SOCK_SEQPACKET socket.
  */
-export function chooseListener(binding: ActivationBinding, passed: readonly PassedFd[], service: string): PassedFd {
-  const named = passed.filter((p) => p.name === service);
-  const candidate = named[0] ?? (passed.length === 1 ? passed[0] : undefined);
-  if (!candidate) {
-    throw new Error(`socket activation passed ${passed.length} fds (${passed.map((p) => p.name).join(', ')}) and none is named "${service}" (set FileDescriptorName=${service})`);
+export function chooseListener(binding: ActivationBinding, passed: readonly PassedFd[], service: string): PassedFd | null {
+  const isListener = (p: PassedFd) => {
+    const description = binding.describeFd(p.fd);
+    return description.kind === 'socket' && description.family === AF_UNIX && description.type === SOCK_SEQPACKET && description.listening === true;
+  };
+  const named = passed.find((p) => p.name === service);
+  if (named) {
+    if (!isListener(named)) {
+      throw new Error(
+        `socket activation passed "${named.name}" (fd ${named.fd}) but it is not a listening AF_UNIX SOCK_SEQPACKET socket (use ListenSequentialPacket= in the .socket unit)`,
+      );
+    }
+    return named;
   }
-  const description = binding.describeFd(candidate.fd);
-  if (description.kind !== 'socket' || description.family !== AF_UNIX || description.type !== SOCK_SEQPACKET || !description.listening) {
-    throw new Error(
-      `socket activation passed "${candidate.name}" (fd ${candidate.fd}) but it is not a listening AF_UNIX SOCK_SEQPACKET socket (use ListenSequentialPacket= in the .socket unit)`,
-    );
-  }
-  return candidate;
+  const listeners = passed.filter(isListener);
+  if (listeners.length === 1) return listeners[0]!;
+  if (listeners.length > 1) throw new Error(`socket activation passed ${listeners.length} listening sockets and none is named "${service}" (set FileDescriptorName=${service})`);
+  return null;
 }

@@ -12,6 +12,12 @@ import type { NativeBinding } from '../native.js';
 /** The native calls notification needs. */
 export type NotifyBinding = Pick<NativeBinding, 'datagramSocket' | 'datagramSend' | 'streamPair' | 'closeAll' | 'dup'>;
 
+/** Notifications kept waiting for room at most (each may hold duplicated fds). */
+const MAX_BACKLOG = 4096;
+
+/** How long `close` keeps trying to hand over what waits (a process about to exit). */
+const CLOSE_FLUSH_MS = 500;
+
 /** Largest datagram systemd reads (PIPE_BUF). */
 const MAX_NOTIFY_BYTES = 4096;
 
@@ -56,7 +62,15 @@ export class Notifier {
         if ((error as NodeJS.ErrnoException).code !== 'EAGAIN') throw error;
       }
     }
-    this.#backlog.push({ data, fds: fds.map((fd) => this.#binding.dup(fd)) });
+    if (this.#backlog.length >= MAX_BACKLOG) throw new Error(`the service manager has not taken ${MAX_BACKLOG} notifications: dropping this one`);
+    const copies: number[] = [];
+    try {
+      for (const fd of fds) copies.push(this.#binding.dup(fd));
+    } catch (error) {
+      this.#binding.closeAll(copies);
+      throw error;
+    }
+    this.#backlog.push({ data, fds: copies });
     this.#scheduleRetry();
   }
 
@@ -115,9 +129,14 @@ export class Notifier {
     });
   }
 
-  /** Closes the sending socket, after trying once more to send what waits (a last STOPPING=1, say). */
+  /**
+   * Closes the sending socket, after trying for a moment to send what waits (fd store entries of the last
+   * relays, a last STOPPING=1): this process is about to exit, so blocking briefly is the lesser evil.
+   */
   close(): void {
-    this.#flush();
+    const deadline = Date.now() + CLOSE_FLUSH_MS;
+    const pause = new Int32Array(new SharedArrayBuffer(4));
+    for (this.#flush(); this.#backlog.length && Date.now() < deadline; this.#flush()) Atomics.wait(pause, 0, 0, 2);
     if (this.#retry) clearTimeout(this.#retry);
     this.#retry = null;
     for (const waiting of this.#backlog.splice(0)) this.#binding.closeAll(waiting.fds);

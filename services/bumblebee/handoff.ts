@@ -75,13 +75,18 @@ export function importFlow(
   fds: readonly number[],
   environmentIds: ReadonlySet<number>,
   describe: (fd: number) => FdDescription,
+  slotsOf: (environmentId: number) => number = () => Number.MAX_SAFE_INTEGER,
+  taken: Set<string> = new Set(),
 ): { flow: Flow; paused: PausedFlow } {
   const bad = (why: string) => new ProtocolError('EFDFERRY_STATE', `flow ${String(record?.taskId)}: ${why}`);
   if (typeof record !== 'object' || record === null) throw bad('not an object');
   if (!isCount(record.flowId) || typeof record.taskId !== 'string') throw bad('no id');
   if (!environmentIds.has(record.environmentId)) throw bad(`unknown environment ${record.environmentId}`);
   if (!isCount(record.fd) || record.fd >= fds.length) throw bad('no fd');
-  if (!isCount(record.slot) || record.slot < 1) throw bad('no slot');
+  if (!isCount(record.slot) || record.slot < 1 || record.slot >= slotsOf(record.environmentId)) throw bad('no slot, or one outside its environment');
+  const slotKey = `${record.environmentId}:${record.slot}`;
+  if (taken.has(slotKey)) throw bad(`slot ${record.slot} of environment ${record.environmentId} is held by another flow`);
+  taken.add(slotKey);
   const tuple = record.tuple;
   if (typeof tuple !== 'object' || tuple === null || (tuple.family !== 4 && tuple.family !== 6)) throw bad('no tuple');
   const fd = fds[record.fd]!;

@@ -296,7 +296,9 @@ export class BumblebeeService implements Service {
     }
     const environments = bumblebee.environments.map((exported) => importEnvironment(binding, exported, fds));
     const ids = new Set(environments.map((environment) => environment.id));
-    const imported = bumblebee.flows.map((record) => importFlow(record, fds, ids, (fd) => binding.describeFd(fd)));
+    const slots = new Map(environments.map((environment) => [environment.id, environment.settings.slots]));
+    const taken = new Set<string>();
+    const imported = bumblebee.flows.map((record) => importFlow(record, fds, ids, (fd) => binding.describeFd(fd), (id) => slots.get(id) ?? 0, taken));
     this.#environments = environments;
     for (const environment of environments) this.#pump.addEnvironment(pumpEnvironment(environment));
     for (const { flow } of imported) this.#flows.add(flow);

@@ -106,7 +106,10 @@ export class CrashSurvival {
    * Stores the engine's pipe pool and table and a first checkpoint holding `live` relays and `ended`
    * envelopes (after a recovery or a hand-over); from here on every change is recorded.
    */
-  begin(pool: PipeTable, live: readonly SpliceTask[], ended: readonly EndRecord[]): void {
+  begin(pool: PipeTable, live: readonly SpliceTask[], ended: readonly EndRecord[], storeRelays = false): void {
+    // A successor stores its relays' sockets again: a store message its predecessor still had queued when it
+    // exited would otherwise be lost (systemd keeps one copy of an fd stored twice).
+    if (storeRelays) for (const task of live) this.#store.store(relayName(task.taskId), [task.fdA, task.fdB]);
     // Pipes go in groups (one message each, not one per pipe): group k holds pipes k*126 to k*126+125, in order.
     const names: string[] = [];
     const ordered = [...pool.pipes].sort((a, b) => a.index - b.index);
@@ -264,8 +267,6 @@ export function recover(binding: NativeBinding, log: Logger, passed: readonly Pa
       const owner = word - 1n;
       const key = `${owner >> 1n}:${owner & 1n ? 'ba' : 'ab'}`;
       pipes.set(key, { fds: [pipeFds[0]!, pipeFds[1]!], bytes });
-      pipeFds.forEach((fd) => used.add(fd));
-      bytesInPipes += bytes;
     });
   }
   const socketPair = (taskId: string): [number, number] | null => {
@@ -284,6 +285,14 @@ export function recover(binding: NativeBinding, log: Logger, passed: readonly Pa
       continue;
     }
     fds.forEach((fd) => used.add(fd));
+    // Only the pipes a recovered relay takes are kept open; the others are closed with the rest.
+    const pipeAToB = pipes.get(`${record.engineId}:ab`) ?? null;
+    const pipeBToA = pipes.get(`${record.engineId}:ba`) ?? null;
+    for (const pipe of [pipeAToB, pipeBToA]) {
+      if (!pipe) continue;
+      pipe.fds.forEach((fd) => used.add(fd));
+      bytesInPipes += pipe.bytes;
+    }
     const task: SpliceTask = {
       taskId: record.taskId,
       engineId: record.engineId,
@@ -309,8 +318,8 @@ export function recover(binding: NativeBinding, log: Logger, passed: readonly Pa
         finishedBToA: false,
         eofAToB: false,
         eofBToA: false,
-        pipeAToB: pipes.get(`${record.engineId}:ab`) ?? null,
-        pipeBToA: pipes.get(`${record.engineId}:ba`) ?? null,
+        pipeAToB,
+        pipeBToA,
         startedAt: record.acceptedAt,
       },
     });

@@ -321,7 +321,7 @@ export class SplicerService implements Service {
     this.#paused = [];
     if (this.#crash) {
       // Our own pool and checkpoint replace the predecessor's; its relays' and envelopes' sockets stay stored.
-      this.#crash.begin(this.#engine.pipeTable()!, this.#tasks.all(), this.#inheritedCrash?.ended ?? []);
+      this.#crash.begin(this.#engine.pipeTable()!, this.#tasks.all(), this.#inheritedCrash?.ended ?? [], true);
       this.#crash.forget(this.#inheritedCrash?.names ?? []);
     }
     this.#inheritedCrash = null;

@@ -11,6 +11,7 @@
  *   `LISTEN_PID` naming that very process (`sh -c 'LISTEN_PID=$$ exec ...'`, as systemd sets it after fork).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Test } from 'tap';
@@ -20,6 +21,13 @@ import { notifySocket } from './notify-socket.js';
 
 const binding = loadNative();
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+/** Device, inode and access mode (O_ACCMODE from /proc/self/fdinfo) of an open fd. */
+function identityOf(fd: number): string {
+  const { dev, ino } = fs.fstatSync(fd);
+  const flags = /^flags:\s+([0-7]+)/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))?.[1] ?? '0';
+  return `${dev}:${ino}:${parseInt(flags, 8) & 3}`;
+}
 
 /** One stored fd and its name. */
 export interface StoredFd {
@@ -41,7 +49,13 @@ export class FakeServiceManager {
       if (fields.FDSTORE === '1') {
         if (fields.FDPOLL !== '0') this.faults.push(`FDSTORE without FDPOLL=0 for ${fields.FDNAME}`);
         if (fds.length === 0) this.faults.push(`FDSTORE without fds for ${fields.FDNAME}`);
-        for (const fd of fds) this.stored.push({ name: fields.FDNAME ?? 'stored', fd });
+        for (const fd of fds) {
+          // systemd keeps one copy of an fd stored twice (the same open file description, which it tells by
+          // inode and access mode: a pipe's two ends share an inode but are two descriptions): so does this.
+          const identity = identityOf(fd);
+          if (this.stored.some((entry) => identityOf(entry.fd) === identity)) binding.closeAll([fd]);
+          else this.stored.push({ name: fields.FDNAME ?? 'stored', fd });
+        }
         return;
       }
       if (fields.FDSTOREREMOVE === '1') {

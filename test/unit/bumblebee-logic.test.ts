@@ -112,11 +112,15 @@ t.test('a successor checks every flow record and its fd before adopting it', (t)
     [{ environmentId: 2 }, [7], /unknown environment 2/],
     [{ fd: 3 }, [7], /no fd/],
     [{ slot: 0 }, [7], /no slot/],
+    [{ slot: 99 }, [7], /outside its environment/],
     [{ tuple: { family: 5 } as never }, [7], /no tuple/],
     [{}, [8], /its packet socket needs a connected AF_UNIX seqpacket socket/],
   ];
   for (const [change, fds, message] of bad) {
-    t.throws(() => importFlow({ ...record, ...change }, fds, new Set([1]), describe), { code: 'EFDFERRY_STATE', message });
+    t.throws(() => importFlow({ ...record, ...change }, fds, new Set([1]), describe, () => 50), { code: 'EFDFERRY_STATE', message });
   }
+  const taken = new Set<string>();
+  importFlow(record, [7], new Set([1]), describe, () => 50, taken);
+  t.throws(() => importFlow({ ...record, flowId: 10 }, [7], new Set([1]), describe, () => 50, taken), { code: 'EFDFERRY_STATE', message: /slot 5 of environment 1 is held by another flow/ }, 'two flows may not share a slot');
   t.end();
 });
