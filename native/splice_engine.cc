@@ -31,6 +31,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "command_queue.h"
 #include "errors.h"
 
 namespace fdferry {
@@ -135,43 +136,25 @@ class SpliceThread {
       : shared_(std::move(shared)), idle_pipe_limit_(idle_pipe_limit) {
     epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
     if (epoll_fd_ < 0) throw std::system_error(errno, std::generic_category(), "epoll_create1");
-    wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (wake_fd_ < 0) {
-      int err = errno;
-      CloseFd(epoll_fd_);
-      throw std::system_error(err, std::generic_category(), "eventfd");
-    }
     epoll_event event{};
     event.events = EPOLLIN;
-    event.data.ptr = nullptr;  // the wake-up eventfd is the only registration without an Endpoint
-    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, wake_fd_, &event);
+    event.data.ptr = nullptr;  // the command queue's eventfd is the only registration without an Endpoint
+    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, commands_.fd(), &event);
     thread_ = std::thread([this] { Run(); });
   }
 
   ~SpliceThread() {
     Stop();
-    CloseFd(wake_fd_);
     CloseFd(epoll_fd_);
   }
 
   // Runs `command` on the thread, soon.
-  void Post(std::function<void()> command) {
-    {
-      std::lock_guard<std::mutex> lock(commands_mutex_);
-      commands_.push_back(std::move(command));
-    }
-    uint64_t one = 1;
-    ssize_t ignored = write(wake_fd_, &one, sizeof one);
-    (void)ignored;  // the counter cannot overflow in practice; a failed wake-up would be EAGAIN at 2^64-1
-  }
+  void Post(std::function<void()> command) { commands_.Post(std::move(command)); }
 
   // Runs `fn` on the thread and waits for its result: for the rare synchronous calls (snapshot, pause).
   template <typename Result>
   Result Call(std::function<Result()> fn) {
-    auto task = std::make_shared<std::packaged_task<Result()>>(std::move(fn));
-    std::future<Result> result = task->get_future();
-    Post([task] { (*task)(); });
-    return result.get();
+    return commands_.template Call<Result>(std::move(fn));
   }
 
   // Stops the loop; relays still running end with "shutdown" first. Idempotent.
@@ -381,7 +364,7 @@ class SpliceThread {
       for (int i = 0; i < count; i++) {
         auto* endpoint = static_cast<Endpoint*>(events[i].data.ptr);
         if (endpoint == nullptr) {
-          RunCommands();
+          commands_.RunPending();
           continue;
         }
         // A relay ended earlier in this batch stays allocated (in the graveyard) until the batch is done, so this
@@ -401,18 +384,6 @@ class SpliceThread {
     graveyard_.clear();
     for (Pipe& pipe : idle_pipes_) DestroyPipe(pipe);
     idle_pipes_.clear();
-  }
-
-  void RunCommands() {
-    uint64_t counter;
-    ssize_t ignored = read(wake_fd_, &counter, sizeof counter);
-    (void)ignored;
-    std::vector<std::function<void()>> commands;
-    {
-      std::lock_guard<std::mutex> lock(commands_mutex_);
-      commands.swap(commands_);
-    }
-    for (auto& command : commands) command();
   }
 
   void OnEvent(Endpoint* endpoint, uint32_t events) {
@@ -741,10 +712,8 @@ class SpliceThread {
   std::shared_ptr<SpliceShared> shared_;
   int idle_pipe_limit_;
   int epoll_fd_ = -1;
-  int wake_fd_ = -1;
   std::thread thread_;
-  std::mutex commands_mutex_;
-  std::vector<std::function<void()>> commands_;
+  CommandQueue commands_;
   bool stopping_ = false;  // touched only by the engine thread (set by a posted command)
   std::unordered_map<uint64_t, std::unique_ptr<Relay>> relays_;
   std::vector<std::unique_ptr<Relay>> graveyard_;

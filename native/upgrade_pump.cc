@@ -43,6 +43,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "command_queue.h"
 #include "errors.h"
 #include "packet.h"
 #include "uv_handle.h"
@@ -256,41 +257,23 @@ class PumpThread {
         batch_(new uint8_t[kMmsg * kPacketBuffer]) {
     epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
     if (epoll_fd_ < 0) throw std::system_error(errno, std::generic_category(), "epoll_create1");
-    wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (wake_fd_ < 0) {
-      int err = errno;
-      close(epoll_fd_);
-      throw std::system_error(err, std::generic_category(), "eventfd");
-    }
     epoll_event event{};
     event.events = EPOLLIN;
     event.data.ptr = &wake_tag_;
-    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, wake_fd_, &event);
+    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, commands_.fd(), &event);
     thread_ = std::thread([this] { Run(); });
   }
 
   ~PumpThread() {
     Stop();
-    close(wake_fd_);
     close(epoll_fd_);
   }
 
-  void Post(std::function<void()> command) {
-    {
-      std::lock_guard<std::mutex> lock(commands_mutex_);
-      commands_.push_back(std::move(command));
-    }
-    uint64_t one = 1;
-    ssize_t ignored = write(wake_fd_, &one, sizeof one);
-    (void)ignored;
-  }
+  void Post(std::function<void()> command) { commands_.Post(std::move(command)); }
 
   template <typename Result>
   Result Call(std::function<Result()> fn) {
-    auto task = std::make_shared<std::packaged_task<Result()>>(std::move(fn));
-    std::future<Result> result = task->get_future();
-    Post([task] { (*task)(); });
-    return result.get();
+    return commands_.template Call<Result>(std::move(fn));
   }
 
   void Stop() {
@@ -472,7 +455,7 @@ class PumpThread {
         auto* tag = static_cast<Tag*>(events[i].data.ptr);
         switch (tag->kind) {
           case Tag::kWake:
-            RunCommands();
+            commands_.RunPending();
             break;
           case Tag::kTun:
             if (!paused_) OnTunReadable(*tag->environment);
@@ -493,18 +476,6 @@ class PumpThread {
       }
     }
     graveyard_.clear();
-  }
-
-  void RunCommands() {
-    uint64_t counter;
-    ssize_t ignored = read(wake_fd_, &counter, sizeof counter);
-    (void)ignored;
-    std::vector<std::function<void()>> commands;
-    {
-      std::lock_guard<std::mutex> lock(commands_mutex_);
-      commands.swap(commands_);
-    }
-    for (auto& command : commands) command();
   }
 
   bool Watch(Flow* flow) {
@@ -923,11 +894,9 @@ class PumpThread {
   mmsghdr batch_msgs_[kMmsg];
   iovec batch_iov_[kMmsg];
   int epoll_fd_ = -1;
-  int wake_fd_ = -1;
   Tag wake_tag_{Tag::kWake};
   std::thread thread_;
-  std::mutex commands_mutex_;
-  std::vector<std::function<void()>> commands_;
+  CommandQueue commands_;
   bool stopping_ = false;
   bool paused_ = false;
   int64_t last_exhaustion_notice_ = -10000;
