@@ -173,8 +173,24 @@ export class RpcClient extends EventEmitter<RpcClientEvents> {
   /** Why the daemon refused this connection (an error with request id 0), until the close that follows. */
   #connectionError: ProtocolError | null = null;
 
+  /**
+   * Connects, retrying while the daemon's listen backlog is full (EAGAIN: a burst of connections ahead of
+   * us, which the daemon accepts in a moment) until the request timeout.
+   */
+  async #connectSocket(): Promise<number> {
+    const deadline = Date.now() + (this.#options.requestTimeoutMs || 30_000);
+    for (let delay = 5; ; delay = Math.min(delay * 2, 100)) {
+      try {
+        return this.#options.binding.seqpacketConnect(toNativeAddress(this.#options.path));
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== 'EAGAIN' || Date.now() + delay > deadline) throw error;
+        await new Promise((resolve) => setTimeout(resolve, delay));
+      }
+    }
+  }
+
   async #open(): Promise<HelloResult> {
-    const fd = this.#options.binding.seqpacketConnect(toNativeAddress(this.#options.path));
+    const fd = await this.#connectSocket();
     const channel = new Channel(fd, this.#options.binding);
     this.#channel = channel;
     if (!this.#refed) channel.unref();
