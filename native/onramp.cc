@@ -51,6 +51,8 @@
 #include <vector>
 
 #include "errors.h"
+#include "clock.h"
+#include "js_fields.h"
 #include "fd.h"
 #include "packet.h"
 #include "uv_handle.h"
@@ -130,12 +132,6 @@ Drop DropOf(Verdict verdict) {
   return kDropBadHeader;
 }
 
-int64_t MonotonicMs() {
-  timespec now{};
-  clock_gettime(CLOCK_MONOTONIC, &now);
-  return static_cast<int64_t>(now.tv_sec) * 1000 + now.tv_nsec / 1000000;
-}
-
 int SetNonblocking(int fd) {
   int flags = fcntl(fd, F_GETFL);
   if (flags < 0) return -1;
@@ -153,23 +149,6 @@ void SetFlowSocketBuffers(int fd) {
   if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size) < 0) {
     setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
   }
-}
-
-std::string AddressString(int family, const uint8_t* address) {
-  char text[INET6_ADDRSTRLEN] = {};
-  inet_ntop(family == 4 ? AF_INET : AF_INET6, address, text, sizeof text);
-  return text;
-}
-
-double NumberField(const Napi::Object& object, const char* name, double fallback, double min, double max) {
-  Napi::Value value = object.Get(name);
-  if (value.IsUndefined()) return fallback;
-  if (!value.IsNumber()) throw Napi::TypeError::New(object.Env(), std::string("\"") + name + "\" must be a number");
-  double number = value.As<Napi::Number>().DoubleValue();
-  if (!(number >= min && number <= max) || number != static_cast<double>(static_cast<int64_t>(number))) {
-    throw Napi::RangeError::New(object.Env(), std::string("\"") + name + "\" is out of range");
-  }
-  return number;
 }
 
 // A new flow as JS receives it. `fd` is the Bumblebee end of the pair: JS owns it once it is in the outbox.

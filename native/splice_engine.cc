@@ -33,6 +33,8 @@
 
 #include "command_queue.h"
 #include "errors.h"
+#include "clock.h"
+#include "js_fields.h"
 
 namespace fdferry {
 
@@ -44,18 +46,6 @@ constexpr int kMaxRoundsPerTurn = 16;
 constexpr int kTimerTickMs = 100;
 // Buffer of a relay that cannot splice and copies through user space instead.
 constexpr size_t kCopyBufferSize = 64 * 1024;
-
-int64_t MonotonicMs() {
-  timespec now{};
-  clock_gettime(CLOCK_MONOTONIC, &now);
-  return static_cast<int64_t>(now.tv_sec) * 1000 + now.tv_nsec / 1000000;
-}
-
-double WallMs() {
-  timespec now{};
-  clock_gettime(CLOCK_REALTIME, &now);
-  return static_cast<double>(now.tv_sec) * 1000.0 + static_cast<double>(now.tv_nsec / 1000000);
-}
 
 void CloseFd(int& fd) {
   if (fd >= 0) ::close(fd);
@@ -728,17 +718,6 @@ class SpliceThread {
 
 namespace {
 
-double NumberField(const Napi::Object& object, const char* name, double fallback, double min, double max) {
-  Napi::Value value = object.Get(name);
-  if (value.IsUndefined()) return fallback;
-  if (!value.IsNumber()) throw Napi::TypeError::New(object.Env(), std::string("\"") + name + "\" must be a number");
-  double number = value.As<Napi::Number>().DoubleValue();
-  if (!(number >= min && number <= max) || number != static_cast<double>(static_cast<int64_t>(number))) {
-    throw Napi::RangeError::New(object.Env(), std::string("\"") + name + "\" is out of range");
-  }
-  return number;
-}
-
 std::string BytesField(const Napi::Object& object, const char* name) {
   Napi::Value value = object.Get(name);
   if (value.IsUndefined() || value.IsNull()) return {};
@@ -757,13 +736,6 @@ int SetNonblocking(int fd) {
 constexpr double kMaxSafeInteger = 9007199254740991.0;
 
 const char* SideName(char side) { return side == 'a' ? "a" : side == 'b' ? "b" : nullptr; }
-
-Napi::Value ErrnoName(Napi::Env env, int err) {
-  if (err == 0) return env.Null();
-  char name[64];
-  uv_err_name_r(-err, name, sizeof name);
-  return Napi::String::New(env, name);
-}
 
 // A relay between fd_a and fd_b with the limits and prefaces of `options` (RelayOptions), as add() and resume()
 // both build it.

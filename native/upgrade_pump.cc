@@ -45,6 +45,8 @@
 
 #include "command_queue.h"
 #include "errors.h"
+#include "clock.h"
+#include "js_fields.h"
 #include "packet.h"
 #include "uv_handle.h"
 
@@ -68,18 +70,6 @@ constexpr uint16_t kFirstPort = 2000;
 constexpr double kMaxSafeInteger = 9007199254740991.0;
 // Slots examined per allocation before giving up: bounds the cost of a request when the space is nearly full.
 constexpr uint32_t kMaxProbe = 1 << 16;
-
-int64_t MonotonicMs() {
-  timespec now{};
-  clock_gettime(CLOCK_MONOTONIC, &now);
-  return static_cast<int64_t>(now.tv_sec) * 1000 + now.tv_nsec / 1000000;
-}
-
-std::string AddressString(int family, const uint8_t* bytes) {
-  char text[INET6_ADDRSTRLEN] = {};
-  inet_ntop(family == 4 ? AF_INET : AF_INET6, bytes, text, sizeof text);
-  return text;
-}
 
 struct Flow;
 struct Environment;
@@ -909,17 +899,6 @@ class PumpThread {
 // ---------------------------------------------------------------------------------------------------------------
 // JS conversions.
 
-double NumberField(const Napi::Object& object, const char* name, double fallback, double min, double max) {
-  Napi::Value value = object.Get(name);
-  if (value.IsUndefined()) return fallback;
-  if (!value.IsNumber()) throw Napi::TypeError::New(object.Env(), std::string("\"") + name + "\" must be a number");
-  double number = value.As<Napi::Number>().DoubleValue();
-  if (!(number >= min && number <= max) || number != static_cast<double>(static_cast<int64_t>(number))) {
-    throw Napi::RangeError::New(object.Env(), std::string("\"") + name + "\" is out of range");
-  }
-  return number;
-}
-
 void AddressField(const Napi::Object& object, const char* name, int family, uint8_t* out) {
   Napi::Value value = object.Get(name);
   if (!value.IsString() || inet_pton(family == 4 ? AF_INET : AF_INET6, value.As<Napi::String>().Utf8Value().c_str(), out) != 1) {
@@ -947,13 +926,6 @@ Tuple TupleFrom(const Napi::Object& object) {
   tuple.sport = static_cast<uint16_t>(NumberField(object, "clientPort", 0, 0, 65535));
   tuple.dport = static_cast<uint16_t>(NumberField(object, "destinationPort", 0, 0, 65535));
   return tuple;
-}
-
-Napi::Value ErrnoName(Napi::Env env, int err) {
-  if (err == 0) return env.Null();
-  char name[64];
-  uv_err_name_r(-err, name, sizeof name);
-  return Napi::String::New(env, name);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
