@@ -10,6 +10,9 @@ export const CTL_COMMANDS = {
   status: 'counts, limits and engine figures',
   tasks: 'Splicer: every running relay: owner, peer pid/uid, age, bytes each way, state',
   flows: 'Bumblebee: every flow: owner, tenant, client -> destination, state, packets each way, idle time',
+  registrations: 'Fish: every registration: id, owner, egress, slice, mappings, packets each way',
+  mappings: 'Fish: mappings (client -> destination via egress:port): ctl fish mappings [registration id]',
+  explain: 'Fish: which registration and mapping a flow belongs to, or why not: ctl fish explain <tcp|udp|icmp> <address:port> <destination:port>',
   cancel: 'end a task now (its envelope goes to its owner): ctl <service> cancel <taskId>',
   drain: 'Splicer: end every relay of an owner (envelopes go to it): ctl splicer drain --owner <id> [--uid <uid>]',
   ping: 'check that the daemon answers',
@@ -73,6 +76,8 @@ export async function runCtl(options: CtlArguments): Promise<number> {
       params.owner = options.owner;
       if (options.uid !== undefined) params.uid = options.uid;
     }
+    if (options.command === 'mappings' && options.args.length) params.id = Number(options.args[0]);
+    if (options.command === 'explain') Object.assign(params, explainParams(options.args));
     if (options.command === 'reload') {
       params.wait = options.wait ?? true;
       if (options.fault) params.fault = options.fault;
@@ -113,6 +118,10 @@ function print(options: CtlArguments, result: Record<string, unknown>): void {
     printStatus(result);
     return;
   }
+  if (!options.json && (options.command === 'registrations' || options.command === 'mappings')) {
+    printFish(options.command, result);
+    return;
+  }
   if (options.json || (options.command !== 'tasks' && options.command !== 'flows')) {
     console.log(JSON.stringify(result, null, options.json ? 0 : 2));
     return;
@@ -134,6 +143,43 @@ function print(options: CtlArguments, result: Record<string, unknown>): void {
   });
   table(flows, ['taskId', 'owner', 'tenant', 'client', 'destination', 'state', 'packetsIn', 'packetsOut', 'idleMs']);
   console.log(`${flows.length} flow(s)`);
+}
+
+/** Splits `address:port` (`[v6]:port` for IPv6; ICMP: the echo id as the port). */
+function endpointArgument(text: string | undefined, what: string): { address: string; port: number } {
+  const match = /^\[([^\]]+)\]:(\d+)$/.exec(text ?? '') ?? /^([^:]+):(\d+)$/.exec(text ?? '');
+  if (!match) throw new Error(`explain: ${what} must be address:port ([address]:port for IPv6), got ${String(text)}`);
+  return { address: match[1]!, port: Number(match[2]) };
+}
+
+function explainParams(args: string[]): Record<string, unknown> {
+  if (args.length !== 3) throw new Error('explain takes <tcp|udp|icmp> <address:port> <destination:port>');
+  const source = endpointArgument(args[1], 'the source');
+  const destination = endpointArgument(args[2], 'the destination');
+  return { protocol: args[0], address: source.address, port: source.port, destinationAddress: destination.address, destinationPort: destination.port };
+}
+
+function printFish(command: 'registrations' | 'mappings', result: Record<string, unknown>): void {
+  const endpoint = (address: unknown, port: unknown) => (String(address).includes(':') ? `[${String(address)}]:${String(port)}` : `${String(address)}:${String(port)}`);
+  if (command === 'registrations') {
+    const rows = ((result.registrations ?? []) as Array<Record<string, unknown>>).map((r) => ({
+      ...r,
+      egress: [r.egress4, r.egress6].filter(Boolean).join(' '),
+      slice: (r.ports as number[]).join('-'),
+      protocols: (r.protocols as string[]).join(','),
+    }));
+    table(rows, ['id', 'owner', 'peerPid', 'egress', 'slice', 'protocols', 'connected', 'mappings', 'packetsOut', 'packetsIn', 'exhausted']);
+    console.log(`${rows.length} registration(s)`);
+    return;
+  }
+  const rows = ((result.mappings ?? []) as Array<Record<string, unknown>>).map((m) => ({
+    ...m,
+    client: endpoint(m.clientAddress, m.clientPort),
+    destination: endpoint(m.destinationAddress, m.destinationPort),
+    egress: endpoint(m.egressAddress, m.egressPort),
+  }));
+  table(rows, ['rid', 'protocol', 'client', 'destination', 'egress', 'packetsOut', 'packetsIn', 'idleMs']);
+  console.log(`${rows.length} of ${String(result.total)} mapping(s)${result.truncated ? ' (truncated)' : ''}`);
 }
 
 /** `status` for humans: one aligned `name  value` line per figure, nested figures as dotted names. */

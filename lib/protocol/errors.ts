@@ -75,6 +75,10 @@ export const ErrorCodes = {
   EFDFERRY_CLOSED: 'flow closed before the handshake completed',
   /** Bumblebee: the upgrade was cancelled. */
   EFDFERRY_CANCELLED: 'cancelled',
+  /** Fish: the registration id is held by another peer uid, or its slice is outside what the daemon allows. */
+  EFDFERRY_CONFLICT: 'registration conflicts with another or with the daemon\'s egress policy',
+  /** Fish: the host network could not be set up for a registration (a rule could not be added). */
+  EFDFERRY_NETWORK: 'host network setup failed',
   /** An unexpected failure inside the daemon; the message says what. */
   EFDFERRY_INTERNAL: 'internal error',
 } as const;

@@ -205,6 +205,8 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
   #listener: SeqpacketListener | null = null;
   #boundPath: string | null = null;
   #nextConnectionId = 1;
+  /** Sequence of unkept events (`notify`), for their ids. */
+  #notices = 0;
   #lastExhaustionLog = 0;
   readonly #lastQuotaLog = new Map<string, number>();
   #sweepTimer: NodeJS.Timeout | null = null;
@@ -307,6 +309,21 @@ export class RpcServer extends EventEmitter<RpcServerEvents> {
     const entry = this.#mailbox.put({ ownerKey, id, event, data, fds });
     const connection = this.#owners.get(ownerKey);
     if (connection) this.#sendEvent(connection, entry);
+  }
+
+  /**
+   * Sends one connection an event that is news rather than a result (Fish's `exhausted`): not kept in
+   * the mailbox, not to be acknowledged, lost if the connection is gone. False when it could not be sent.
+   */
+  notify(connectionId: number, event: string, data: Record<string, unknown>): boolean {
+    const connection = this.#connections.get(connectionId);
+    if (!connection) return false;
+    try {
+      return this.#send(connection, { type: 'event', requestId: 0, event, id: `${event}-${++this.#notices}`, data, fds: [] });
+    } catch (error) {
+      connection.log.error({ err: error, event }, 'an event could not be encoded');
+      return false;
+    }
   }
 
   /** Answers a request that a handler deferred (see {@link DEFERRED}); false if its connection is gone. */
