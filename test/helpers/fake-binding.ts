@@ -320,6 +320,21 @@ export class FakeBinding implements NativeBinding {
   createOnRamp(): never {
     throw new Error('FakeBinding: no on-ramp');
   }
+  netlinkOpen(): never {
+    throw new Error('FakeBinding: no netlink sockets; Fish host-network tests inject their own');
+  }
+  netlinkRequest(): never {
+    throw new Error('FakeBinding: no netlink sockets; Fish host-network tests inject their own');
+  }
+  openPersistentTun(): never {
+    throw new Error('FakeBinding: no tun devices');
+  }
+  unpersistTun(): never {
+    throw new Error('FakeBinding: no tun devices');
+  }
+  createFishPump(): never {
+    throw new Error('FakeBinding: no Fish pump');
+  }
   createSpliceEngine(): never {
     throw new Error('the fake binding has no splice engine; Splicer tests use the real addon');
   }
