@@ -30,6 +30,7 @@ type Command =
   | { op: 'cleanup'; table?: number; tunName?: string }
   | { op: 'ctFlush' | 'ctDump'; family: IpVersion; mark: number; mask: number }
   | { op: 'ctReserve'; reservation: Omit<Reservation, 'seq' | 'labels'> & { labels: string | null } }
+  | { op: 'raw'; protocol: number; message: string; timeoutMs: number }
   | { op: 'exit' };
 
 function execute(command: Command): unknown {
@@ -87,6 +88,15 @@ function execute(command: Command): unknown {
         return socket.request((seq) => reserveMessage({ ...rest, seq, labels: labels === null ? null : Buffer.from(labels, 'hex') }));
       } finally {
         socket.close();
+      }
+    }
+    case 'raw': {
+      // The addon's request/reply loop on its own, for its error paths.
+      const fd = binding.netlinkOpen(command.protocol, 0);
+      try {
+        return binding.netlinkRequest(fd, Buffer.from(command.message, 'hex'), command.timeoutMs).map((reply) => reply.toString('hex'));
+      } finally {
+        binding.close(fd);
       }
     }
     case 'exit':

@@ -10,6 +10,8 @@ import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_pr
 import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { encodeMessage, NLM_F } from '../../lib/netlink/message.js';
+import { linkGetByName, RTM, ruleDump, ruleMessage } from '../../lib/netlink/route.js';
 import { encodeLabels, FISH_MARK_BASE, FISH_MARK_MASK, IPS, decodeLabels } from '../../lib/netlink/conntrack.js';
 import { withDeadline } from '../helpers/native-helpers.js';
 
@@ -304,5 +306,46 @@ t.test('conntrack: dump and flush by mark, reserve with labels, netlink errors',
   t.notMatch(left, /mark=40494694/, "none of Fish's entries is left");
   t.match(left, /sport=40002.*mark=1234/, 'the foreign entry stays');
   t.same(await child.must({ op: 'ctDump', family: 6, mark: FISH_MARK_BASE, mask: FISH_MARK_MASK }), []);
+  await child.exit();
+});
+
+t.test('the addon\'s netlink request loop: replies, errors, timeouts', { skip }, async (t) => {
+  const { name } = namespace(t);
+  const child = new Child(t, name);
+  await child.ready();
+  const raw = (message: Buffer, timeoutMs = 2000) => child.call({ op: 'raw', protocol: 0, message: message.toString('hex'), timeoutMs });
+
+  // REQUEST|ACK: the answer, then the ACK (excluded).
+  const lo = await raw(linkGetByName({ seq: 7, name: 'lo' }));
+  t.equal(lo.ok, true);
+  t.equal((lo.result as string[]).length, 1, 'one RTM_NEWLINK, the ACK not returned');
+  // Without ACK: the one answer ends the request.
+  const plain = Buffer.from(linkGetByName({ seq: 8, name: 'lo' }));
+  plain.writeUInt16LE(NLM_F.REQUEST, 6);
+  t.equal(((await raw(plain)).result as string[]).length, 1);
+  // A dump: every rule of the family until NLMSG_DONE.
+  const rules = await raw(ruleDump({ seq: 9, family: 4 }));
+  t.equal((rules.result as string[]).length, 3, 'local, main and default');
+
+  const missing = await raw(linkGetByName({ seq: 10, name: 'nosuchdev0' }));
+  t.match(missing.error, { code: 'ENODEV', errno: -19, syscall: 'netlink' });
+  t.match(missing.error?.message, /^netlink RTM_GETLINK ENODEV: .*\(seq 10\)/);
+
+  // The kernel's extended ACK text is part of the message when it gives one.
+  const badRange = await raw(
+    ruleMessage({ seq: 11, op: 'add', rule: { family: 4, priority: 100, table: 4242, dst: E4, ipProto: 17, dport: { lo: 2, hi: 1 } } }),
+  );
+  t.match(badRange.error, { code: 'EINVAL', syscall: 'netlink' });
+  t.match(badRange.error?.message, /^netlink RTM_NEWRULE EINVAL: .*\(seq 11\): .*range/i, 'extended ACK text');
+
+  // A message the kernel does not answer (NLMSG_NOOP without ACK) times out.
+  const started = Date.now();
+  const silent = await raw(encodeMessage({ type: 1, flags: NLM_F.REQUEST, seq: 12 }, Buffer.alloc(0)), 200);
+  t.match(silent.error, { code: 'ETIMEDOUT', syscall: 'netlink' });
+  t.ok(Date.now() - started >= 150, 'waited for the timeout');
+
+  const wrongLength = linkGetByName({ seq: 13, name: 'lo' }).subarray(0, 20);
+  t.match((await raw(wrongLength)).error, { code: 'ERR_INVALID_ARG_VALUE' });
+  t.equal(RTM.GETLINK, 18);
   await child.exit();
 });
