@@ -19,6 +19,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -182,7 +183,7 @@ Napi::Value NetlinkRequest(const Napi::CallbackInfo& info) {
   for (;;) {
     const int64_t left = deadline - NowMs();
     pollfd pfd{fd, POLLIN, 0};
-    int ready = poll(&pfd, 1, left > 0 ? static_cast<int>(left) : 0);
+    int ready = poll(&pfd, 1, static_cast<int>(std::clamp<int64_t>(left, 0, INT32_MAX)));
     if (ready < 0) {
       if (errno == EINTR) continue;
       throw ErrnoException(env, errno, "poll");
@@ -217,6 +218,7 @@ Napi::Value NetlinkRequest(const Napi::CallbackInfo& info) {
          reply = NLMSG_NEXT(reply, length)) {
       // A reply to an earlier request that timed out, or an event: not ours.
       if (reply->nlmsg_seq != seq) continue;
+      // Noted, not thrown yet: reading on to NLMSG_DONE drains the dump, so the socket is clean for the retry.
       if (reply->nlmsg_flags & NLM_F_DUMP_INTR) interrupted = true;
       if (reply->nlmsg_type == NLMSG_NOOP) continue;
       if (reply->nlmsg_type == NLMSG_OVERRUN) throw NetlinkError(env, EOVERFLOW, name, seq, "NLMSG_OVERRUN");
