@@ -10,12 +10,14 @@
 #include "errors.h"
 #include "fd.h"
 #include "memfd.h"
+#include "netlink.h"
 #include "netns.h"
 #include "notify.h"
 #include "onramp.h"
 #include "seqpacket.h"
 #include "splice_engine.h"
 #include "tcp_info.h"
+#include "tun.h"
 #include "upgrade_pump.h"
 
 namespace fdferry {
@@ -31,6 +33,8 @@ Fdferry::Fdferry(Napi::Env env, Napi::Object exports) : receive_buffer_(new char
   InitSeqpacket(env, exports, *this);
   InitSpliceEngine(env, exports, *this);
   InitNetns(env, exports);
+  InitNetlink(env, exports);
+  InitTun(env, exports);
   InitUpgradePump(env, exports, *this);
   InitOnRamp(env, exports, *this);
   exports.Set("constants", MakeConstants(env));

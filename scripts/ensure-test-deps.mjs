@@ -9,6 +9,8 @@ const needed = [
   ['setsid', 'util-linux', 'starting a successor re-parented away from its predecessor (restart tests)'],
   ['python3', 'python3', 'forging partly sealed memfds the Node API cannot make (protocol tests)'],
   ['ip', 'iproute2', 'network namespaces and tun devices (TCP and Bumblebee tests)'],
+  ['nft', 'nftables', 'Fish\'s conntrack enabler table (Fish host-network tests; also a runtime dependency of Fish)'],
+  ['conntrack', 'conntrack', 'inserting and listing conntrack entries in a test namespace (Fish host-network tests)'],
   ['curl', 'curl', 'a real HTTP client downloading through Bumblebee and Splicer'],
   ['clang++', 'clang', 'building the libFuzzer target for the packet parser and NAT rewrite (packet fuzz test)'],
   [

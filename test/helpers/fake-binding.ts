@@ -321,10 +321,10 @@ export class FakeBinding implements NativeBinding {
     throw new Error('FakeBinding: no on-ramp');
   }
   netlinkOpen(): never {
-    throw new Error('FakeBinding: no netlink');
+    throw new Error('FakeBinding: no netlink sockets; Fish host-network tests inject their own');
   }
   netlinkRequest(): never {
-    throw new Error('FakeBinding: no netlink');
+    throw new Error('FakeBinding: no netlink sockets; Fish host-network tests inject their own');
   }
   openPersistentTun(): never {
     throw new Error('FakeBinding: no tun devices');
