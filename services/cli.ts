@@ -10,6 +10,7 @@ import { runCtl, CTL_COMMANDS } from './ctl.js';
 import { runUp, SERVICES } from './up.js';
 import { bumblebeeOptions, startBumblebee } from './bumblebee/command.js';
 import { splicerOptions, startSplicer } from './splicer/command.js';
+import { fishCleanupCommand, fishOptions, startFish } from './fish/command.js';
 import { checkConfigCommand } from './check-config.js';
 import { installUnitsCommand, uninstallUnitsCommand } from './install-units.js';
 
@@ -42,6 +43,20 @@ await yargs(hideBin(process.argv))
     async (argv) => {
       try {
         const daemon = await startBumblebee(argv);
+        await daemon.stopped;
+        process.exit(0);
+      } catch (error) {
+        fail(error);
+      }
+    },
+  )
+  .command(
+    'fish',
+    'run Fish: forwards a client\'s raw IP packets from a slice of a shared egress address, every five-tuple reserved in conntrack',
+    (y) => fishOptions(y).command(fishCleanupCommand),
+    async (argv) => {
+      try {
+        const daemon = await startFish(argv);
         await daemon.stopped;
         process.exit(0);
       } catch (error) {

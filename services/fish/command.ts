@@ -1,9 +1,10 @@
 /** `fdferry fish` (the Fish daemon, with its flags) and `fdferry fish cleanup`. */
-import type { Argv } from 'yargs';
+import type { Argv, CommandModule } from 'yargs';
+import { loadNative } from '../../lib/native.js';
 import { runDaemon, type RunningDaemon } from '../../lib/daemon.js';
 import { commonOptionsFrom, withCommonOptions } from '../common-options.js';
 import { parseCidr } from './egress-policy.js';
-import { createFishHost, DEFAULT_HOST_SETTINGS, type FishHostSettings } from './host-setup.js';
+import { cleanupFishHost, createFishHost, DEFAULT_HOST_SETTINGS, type FishHostSettings } from './host-setup.js';
 import { FishService, type FishOptions } from './service.js';
 
 const h = DEFAULT_HOST_SETTINGS;
@@ -109,3 +110,22 @@ export function startFish(argv: FishArgv): Promise<RunningDaemon> {
   const needsIpv6 = options.policy.allow.some((cidr) => cidr.family === 6);
   return runDaemon('fish', common, (context) => new FishService(context, options, (ctx) => createFishHost(ctx, host, { ipv6: needsIpv6 })));
 }
+
+/**
+ * `fdferry fish cleanup`: after a crash (or a stop with --keep-host-setup), removes what Fish installed
+ * in this network namespace: its rules, the route table's routes, the nftables table, the persistent
+ * tun and its conntrack entries. Safe to run when nothing is there.
+ */
+export const fishCleanupCommand: CommandModule = {
+  command: 'cleanup',
+  describe: 'remove what a crashed (or kept) Fish left in this network namespace: rules, routes, nftables table, tun, conntrack entries',
+  builder: (y) =>
+    y
+      .option('tun-name', { type: 'string', default: h.tunName, describe: 'the tun Fish used' })
+      .option('route-table', { type: 'number', default: h.routeTable, describe: 'the routing table Fish used' }),
+  handler: (argv) => {
+    const settings = fishHostSettingsFrom({ tunName: String(argv.tunName), mtu: h.mtu, routeTable: Number(argv.routeTable), rulePriority: h.rulePriority });
+    const removed = cleanupFishHost(loadNative(), settings);
+    console.log(removed.length ? `fdferry fish cleanup: removed ${removed.join(', ')}` : 'fdferry fish cleanup: nothing of Fish\'s was left');
+  },
+};

@@ -17,6 +17,8 @@ export type RegistrationRecord = Omit<Registration, 'connectionId' | 'orphanedAt
 export interface FishState {
   /** Index of the tun in the fd list. */
   tun: number;
+  /** The tun's ifindex (its routes are re-stated by the successor). */
+  tunIfindex: number;
   registrations: RegistrationRecord[];
   mappings: FishMappingRow[];
   /** Mappings from before a crash still waiting for their registration. */

@@ -21,8 +21,8 @@ export interface HostStart {
 export interface FishHost {
   /** Checks forwarding, installs the conntrack table, opens (or re-attaches) the tun, routes, and dumps old mappings. */
   start(): HostStart;
-  /** A successor: the predecessor's rules for `ranges` are already there; take them over as they are. */
-  adopt(ranges: EgressRange[]): void;
+  /** A successor: the predecessor's tun routes and rules for `ranges` are already there; take them over as they are. */
+  adopt(ranges: EgressRange[], tunIfindex: number): void;
   /** Makes the rules cover exactly `ranges` (adding new ones before removing old ones). */
   setRanges(ranges: EgressRange[]): void;
   /** Deletes every conntrack entry of registration `id` (by mark); returns how many families were flushed. */

@@ -60,6 +60,7 @@ export class FishService implements Service {
   readonly #table: RegistrationTable;
   #pump: FishPump | null = null;
   #tunFd = -1;
+  #tunIfindex = 0;
   #stopping = false;
   /** Grace timers of registrations whose control connection went away. */
   readonly #graceTimers = new Map<number, NodeJS.Timeout>();
@@ -86,6 +87,7 @@ export class FishService implements Service {
     binding.closeAll(passed.map((p) => p.fd));
     const started: HostStart = this.#host.start();
     this.#tunFd = started.tunFd;
+    this.#tunIfindex = started.ifindex;
     this.#startPump();
     // A cold start after a crash: the kernel kept every reservation; give each registration its ports back
     // when its proxy re-registers, and flush what nobody claims.
@@ -249,6 +251,7 @@ export class FishService implements Service {
     const rows = this.#pumpOrThrow().pause();
     const state: FishState = {
       tun: fds.push(this.#tunFd) - 1,
+      tunIfindex: this.#tunIfindex,
       registrations: exportRegistrations(this.#table.all(), fds),
       mappings: rows,
       orphans: [...this.#orphans.values()].flat(),
@@ -283,8 +286,10 @@ export class FishService implements Service {
     const tunFd = fds[fish.tun];
     if (tunFd === undefined || binding.describeFd(tunFd).kind !== 'char') throw new ProtocolError('EFDFERRY_STATE', 'fish state: the tun fd is not a character device');
     const registrations = importRegistrations(fish.registrations, fds, (fd) => binding.describeFd(fd));
-    this.#host.adopt(this.#table.ranges(registrations));
+    if (!Number.isInteger(fish.tunIfindex) || fish.tunIfindex <= 0) throw new ProtocolError('EFDFERRY_STATE', 'fish state: no tun ifindex');
+    this.#host.adopt(this.#table.ranges(registrations), fish.tunIfindex);
     this.#tunFd = tunFd;
+    this.#tunIfindex = fish.tunIfindex;
     this.#startPump();
     for (const registration of registrations) {
       this.#table.set(registration);
