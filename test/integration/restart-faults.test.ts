@@ -23,8 +23,11 @@ t.setTimeout(120_000);
 const binding = loadNative();
 const pool = crypto.randomBytes(4 * 1024 * 1024);
 const RELAYS = Number(process.env.FDFERRY_TEST_FAULT_RELAYS ?? 20);
-/** --handoff-timeout of the daemons here: the deadline of the hang faults. */
-const HANDOFF_TIMEOUT_MS = 3_000;
+/**
+ * --handoff-timeout of the daemons here: the deadline of the hang faults. It also bounds starting the
+ * successor's Node process, which took over 3 s on a loaded 2-core CI machine: 6 s leaves room for that.
+ */
+const HANDOFF_TIMEOUT_MS = 6_000;
 
 /** Where each fault must make the hand-over fail, and with which code. */
 const EXPECTED: Record<HandoffFault, { phase: RegExp; code: string }> = {
