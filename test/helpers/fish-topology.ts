@@ -152,6 +152,7 @@ export function fishTopology(t: Test, binding: NativeBinding, options: FishTopol
         errors.push(error);
       }
     }
+    // Thrown only now, after every step: tap skips the remaining (earlier-registered) teardowns on a throw.
     if (errors.length) throw errors[0];
   });
   internals.set(topology, { namespaces, spawner });
@@ -348,13 +349,22 @@ export interface ClientRelay {
   stats(): OnRampStats;
   /** Closes `fd` here (a registration keeps its own copy); idempotent, and done at teardown otherwise. */
   closeFd(): void;
+  /** Hands `fd` over (e.g. to `openSeqpacket`, which takes ownership): the relay will not close it then. */
+  releaseFd(): number;
+}
+
+/** Relay settings. */
+export interface ClientRelayOptions {
+  /** The client namespace whose tun to read (default: the topology's first client). */
+  client?: FishClient;
 }
 
 /**
- * Starts the on-ramp on `client`'s tun (default: the topology's first client) with a sink and
- * demultiplexTcp false, so one SOCK_SEQPACKET socket carries all of the client's flows.
+ * Starts the on-ramp on a client's tun with a sink and demultiplexTcp false, so one SOCK_SEQPACKET socket
+ * carries all of the client's flows. Stopped at teardown before the tun and the sink are closed.
  */
-export function clientRelay(topology: FishTopology, client: FishClient = topology.client): ClientRelay {
+export function clientRelay(topology: FishTopology, options: ClientRelayOptions = {}): ClientRelay {
+  const client = options.client ?? topology.client;
   const binding = topology.binding;
   const [ours, theirs] = binding.seqpacketPair();
   let theirsOpen = true;
@@ -376,7 +386,11 @@ export function clientRelay(topology: FishTopology, client: FishClient = topolog
     binding.closeAll([ours]);
     closeFd();
   });
-  return { fd: theirs, onramp, stats: () => onramp.stats(), closeFd };
+  const releaseFd = () => {
+    theirsOpen = false;
+    return theirs;
+  };
+  return { fd: theirs, onramp, stats: () => onramp.stats(), closeFd, releaseFd };
 }
 
 /** What a program run to completion did. */

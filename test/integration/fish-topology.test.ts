@@ -98,15 +98,15 @@ if (process.getuid?.() !== 0) {
     const clients = [topology.client, addClient(topology)];
     t.equal(clients[1]!.name, `${topology.client.name}-1`, 'an extra client namespace');
     const sinks = clients.map((client) => {
-      const relay = clientRelay(topology, client);
+      const relay = clientRelay(topology, { client });
       const seen: ParsedIpPacket[] = [];
-      const recorded = openRecorded(binding, relay.fd, (message) => {
+      // openSeqpacket takes ownership of the fd: its close() closes it, so the relay must not close it again.
+      const recorded = openRecorded(binding, relay.releaseFd(), (message) => {
         const packet = parseIpPacket(message.data);
         if (packet) seen.push(packet);
       });
-      // openRecorded owns the fd now: its close() closes it, so the relay must not close it again.
       topology.cleanup(() => recorded.socket.close());
-      return { relay, seen, recorded, closeFd: relay.closeFd };
+      return { relay, seen, recorded };
     });
     const sent = [0, 0];
     for (const [i, client] of clients.entries()) {

@@ -79,8 +79,8 @@ if (process.getuid?.() !== 0) {
     const flows: OnRampFlow[] = [];
     const onramp = binding.createOnRamp(namespace.tunFd, { closeDelayMs: 300, idleTimeoutMs: 0, sinkFd: ours, demultiplexTcp }, (list) => flows.push(...list));
     const far = farSide(theirs);
-    // The on-ramp borrows both the tun and `ours`: it stops before either is closed here (the tun, in
-    // clientNamespace's teardown, may go first; the loop then just counts a read error).
+    // The on-ramp borrows both the tun and `ours`: it stops before either is closed. tap runs teardowns last
+    // in, first out, so this runs before clientNamespace's teardown closes the tun.
     t.teardown(() => {
       onramp.close();
       binding.closeAll([ours]);
