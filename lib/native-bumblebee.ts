@@ -1,8 +1,8 @@
 /**
  * The typed boundary of Bumblebee's native parts: network environments made on a dedicated thread
  * (native/netns.cc), the upgrade pump that NATs flows onto a tun (native/upgrade_pump.cc), and the
- * on-ramp demultiplexer that splits a tun into one SOCK_SEQPACKET socket per TCP flow
- * (native/onramp.cc).
+ * on-ramp demultiplexer that splits a tun into one SOCK_SEQPACKET socket per TCP flow, with an optional
+ * catch-all sink socket for the rest (native/onramp.cc).
  *
  * None of these ever runs on the JavaScript thread or a libuv pool thread: namespaces are per thread,
  * and packets are far too many for a JS callback each.
@@ -190,6 +190,17 @@ export interface OnRampOptions {
   closeDelayMs: number;
   /** A flow with no packet either way for this long is closed (0 = never). */
   idleTimeoutMs: number;
+  /**
+   * A SOCK_SEQPACKET socket (borrowed: the on-ramp never closes it; close it after `close()`) that receives,
+   * one message each, every packet the on-ramp does not demultiplex (non-TCP, fragments, malformed), and
+   * whose messages are written to the tun as they are. Without it those packets are dropped and counted.
+   */
+  sinkFd?: number;
+  /**
+   * Whether TCP is split into one socket per flow (default true). False sends TCP to the sink too, so one
+   * socket carries all of the client's packets, as a Fish registration wants; it needs `sinkFd`.
+   */
+  demultiplexTcp?: boolean;
 }
 
 /** On-ramp counters. */
@@ -197,8 +208,18 @@ export interface OnRampStats {
   flows: number;
   flowsTotal: number;
   packetsFromTun: number;
+  /** Packets written to the tun, from flow sockets and from the sink. */
   packetsToTun: number;
-  /** Drops by reason: notTcp, noFlow (a non-SYN for an unknown flow), malformed kinds, full sockets. */
+  /** Packets sent into the sink (0 without one). */
+  packetsToSink: number;
+  /** Messages received from the sink, whether or not the tun took them. */
+  packetsFromSink: number;
+  /** The sink's peer closed it, so the on-ramp stopped reading it (sends to it now count as sinkError). */
+  sinkEof: boolean;
+  /**
+   * Drops by reason: notTcp, noFlow (a non-SYN for an unknown flow), malformed kinds, full sockets;
+   * sinkFull / sinkError (tun -> sink send failed), sinkReadError (the sink failed and is no longer read).
+   */
   drops: Record<string, number>;
 }
 

@@ -1,4 +1,5 @@
-// The on-ramp demultiplexer: a client-side tun split into one SOCK_SEQPACKET socket per TCP flow, and back.
+// The on-ramp demultiplexer: a client-side tun split into one SOCK_SEQPACKET socket per TCP flow, and back;
+// optionally with a catch-all sink socket for everything else (or for everything).
 //
 // Man pages: unix(7) (SOCK_SEQPACKET), socketpair(2), socket(7) (SO_SNDBUFFORCE, SO_RCVBUFFORCE), epoll(7),
 // epoll_ctl(2), eventfd(2), recvmsg(2) (MSG_TRUNC), send(2) (MSG_DONTWAIT, MSG_NOSIGNAL), read(2), write(2),
@@ -11,6 +12,12 @@
 //                  end, the other end handed to JS (which passes it to Bumblebee). Known tuple: send() into our
 //                  end. Anything else is dropped and counted by reason.
 //   flows -> tun   each message from our end of a flow socket is one IP packet for the client: write(tun).
+//   tun -> sink    with a sink (options.sinkFd): every packet not demultiplexed above -- anything that does not
+//                  parse as TCP (UDP, ICMP, fragments, malformed), or every packet at all when demultiplexTcp is
+//                  false -- is send() into the sink as one message, unparsed. This is what a Fish registration
+//                  wants: one socket carrying all of a client's raw IP packets (notes/fish-kernel.md §1, §10).
+//   sink -> tun    each message from the sink is one IP packet for the client: write(tun), unchecked (the sink's
+//                  peer is the harness's trusted counterpart, and it may legitimately send any protocol).
 //   ending         FIN seen both ways, or an RST either way, closes our end closeDelayMs later (the last ACKs
 //                  and a retransmitted FIN still pass meanwhile); an idle timeout, EOF or an error close it at
 //                  once. Closing our end is how Bumblebee learns that the flow is over (recv() == 0).
@@ -20,6 +27,10 @@
 //   takes no locks. Counters are atomics that JS reads without asking the thread.
 // - The on-ramp borrows the tun fd (the caller closes it after close()) but sets O_NONBLOCK on it: a tun is not
 //   a socket, so MSG_DONTWAIT is not available on read(2).
+// - The on-ramp borrows the sink too, and never closes it. It is left blocking (every call on it passes
+//   MSG_DONTWAIT instead), since its open file description may be shared with the caller. Its buffers are raised
+//   like a flow socket's: it carries every flow of the client at once. EOF or an error on it stops reading it
+//   (counted) but never stops the loop: the tun and the flows keep running.
 // - New flows travel to JS through a mutex-protected outbox and a uv_async_t, so a burst of connects costs one
 //   JS call. From the moment a record is in the outbox the other end of its pair is JS's; records that never
 //   reached JS (the on-ramp was closed first) are closed here.
@@ -72,6 +83,8 @@ constexpr size_t kPacketBufferSize = 64 * 1024;
 constexpr int kTunBatch = 256;
 // Messages taken from one flow socket per wakeup (level-triggered: the rest comes on the next round).
 constexpr int kFlowBatch = 64;
+// Messages taken from the sink per wakeup: it carries every flow of the client, so more than one flow socket.
+constexpr int kSinkBatch = 256;
 // Granularity of the close delay and the idle timeout.
 constexpr int kTimerTickMs = 100;
 // Both ends of each flow socket (§6: the sender's sndbuf is the limit; the default holds about 93 packets).
@@ -95,6 +108,9 @@ enum Drop : size_t {
   kDropTunFull,       // flow -> tun: write() EAGAIN
   kDropTunError,      // flow -> tun: any other write() error
   kDropTunReadError,  // read(tun) failed for good (the device is gone): the tun is no longer polled
+  kDropSinkFull,      // tun -> sink: send() EAGAIN (the sink's reader is behind)
+  kDropSinkError,     // tun -> sink: any other send() error (EPIPE: the sink's peer is gone)
+  kDropSinkReadError, // sink -> tun: recv() failed for good: the sink is no longer polled
   kDropCount,
 };
 
@@ -115,6 +131,9 @@ const char* DropName(size_t drop) {
     case kDropTunFull: return "tunFull";
     case kDropTunError: return "tunError";
     case kDropTunReadError: return "tunReadError";
+    case kDropSinkFull: return "sinkFull";
+    case kDropSinkError: return "sinkError";
+    case kDropSinkReadError: return "sinkReadError";
   }
   return "unknown";
 }
@@ -130,6 +149,14 @@ Drop DropOf(Verdict verdict) {
     case Verdict::kOk: break;
   }
   return kDropBadHeader;
+}
+
+// Reads an optional boolean option; an error naming the field when it is not a boolean.
+bool BoolField(const Napi::Object& object, const char* name, bool fallback) {
+  Napi::Value value = object.Get(name);
+  if (value.IsUndefined()) return fallback;
+  if (!value.IsBoolean()) throw Napi::TypeError::New(object.Env(), std::string("\"") + name + "\" must be a boolean");
+  return value.As<Napi::Boolean>().Value();
 }
 
 int SetNonblocking(int fd) {
@@ -168,6 +195,9 @@ struct OnRampShared {
   std::atomic<int64_t> flows_total{0};
   std::atomic<int64_t> packets_from_tun{0};
   std::atomic<int64_t> packets_to_tun{0};
+  std::atomic<int64_t> packets_to_sink{0};
+  std::atomic<int64_t> packets_from_sink{0};
+  std::atomic<bool> sink_eof{false};  // the sink's peer hung up, so reading it stopped
   std::array<std::atomic<int64_t>, kDropCount> drops{};
   std::mutex outbox_mutex;
   std::vector<FlowRecord> outbox;
@@ -206,6 +236,14 @@ struct Flow {
   bool closed = false;   // our end is closed; the Flow waits in the graveyard until the epoll batch is done
 };
 
+// How the loop treats packets, from the JS options.
+struct OnRampConfig {
+  int64_t close_delay_ms = 500;
+  int64_t idle_timeout_ms = 0;
+  int sink_fd = -1;  // borrowed; -1: no sink (non-TCP packets are dropped as notTcp & co.)
+  bool demultiplex_tcp = true;
+};
+
 // A failed syscall while the loop is being set up, reported to JS as an ErrnoException.
 struct SetupError {
   int err;
@@ -219,11 +257,13 @@ class OnRampLoop {
  public:
   // Throws SetupError when epoll or eventfd cannot be created or the tun cannot be polled (not a pollable fd),
   // std::system_error when the thread cannot start.
-  OnRampLoop(std::shared_ptr<OnRampShared> shared, int tun_fd, int64_t close_delay_ms, int64_t idle_timeout_ms)
+  OnRampLoop(std::shared_ptr<OnRampShared> shared, int tun_fd, const OnRampConfig& config)
       : shared_(std::move(shared)),
         tun_(tun_fd),
-        close_delay_ms_(close_delay_ms),
-        idle_timeout_ms_(idle_timeout_ms),
+        sink_(config.sink_fd),
+        demultiplex_tcp_(config.demultiplex_tcp),
+        close_delay_ms_(config.close_delay_ms),
+        idle_timeout_ms_(config.idle_timeout_ms),
         buffer_(new uint8_t[kPacketBufferSize]) {
     epoll_.reset(epoll_create1(EPOLL_CLOEXEC));
     if (!epoll_.valid()) throw SetupError{errno, "epoll_create1"};
@@ -242,6 +282,17 @@ class OnRampLoop {
       throw SetupError{errno, "epoll_ctl"};
     }
     tun_polled_ = true;
+    if (sink_ >= 0) {
+      event.events = EPOLLIN;
+      event.data.ptr = &sink_;  // the sink: any address that is neither nullptr, this nor a Flow
+      if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, sink_, &event) < 0) {
+        int err = errno;
+        epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, tun_, nullptr);
+        tun_polled_ = false;
+        throw SetupError{err, "epoll_ctl"};
+      }
+      sink_polled_ = true;
+    }
     // The thread starts with every signal blocked, so no process signal (SIGINT, SIGCHLD...) is ever delivered
     // to it: blocking them inside the thread would leave a window. The caller's mask is restored right after.
     sigset_t all, previous;
@@ -289,6 +340,8 @@ class OnRampLoop {
           (void)ignored;
         } else if (tag == this) {
           ReadTun();
+        } else if (tag == &sink_) {
+          if (sink_polled_) OnSinkEvent(events[i].events);
         } else {
           auto* flow = static_cast<Flow*>(tag);
           // A flow closed earlier in this batch is still allocated (graveyard), so this check is safe.
@@ -311,6 +364,8 @@ class OnRampLoop {
     // The tun stays open (it is the caller's), so take it off our epoll set explicitly.
     if (tun_polled_) epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, tun_, nullptr);
     tun_polled_ = false;
+    // Likewise the sink, which is borrowed.
+    StopSink();
   }
 
   // A tick is needed only while some flow can expire.
@@ -336,10 +391,19 @@ class OnRampLoop {
   }
 
   void FromTun(uint8_t* data, size_t size) {
+    if (sink_ >= 0 && !demultiplex_tcp_) {
+      // Everything, unparsed: the sink's reader (Fish) parses and counts bad packets itself.
+      ToSink(data, size);
+      return;
+    }
     TcpSegment segment;
     Verdict verdict = packet::ParseTcp(data, size, false, &segment);
     if (verdict != Verdict::kOk) {
-      shared_->Count(DropOf(verdict));
+      if (sink_ >= 0) {
+        ToSink(data, size);
+      } else {
+        shared_->Count(DropOf(verdict));
+      }
       return;
     }
     Tuple tuple = Tuple::Of(segment);
@@ -471,6 +535,67 @@ class OnRampLoop {
     shared_->packets_to_tun.fetch_add(1, std::memory_order_relaxed);
   }
 
+  // Router semantics again: what the sink cannot take now is dropped and counted, never queued here.
+  void ToSink(const uint8_t* data, size_t size) {
+    if (send(sink_, data, size, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
+      shared_->Count(errno == EAGAIN ? kDropSinkFull : kDropSinkError);
+      return;
+    }
+    shared_->packets_to_sink.fetch_add(1, std::memory_order_relaxed);
+  }
+
+  void OnSinkEvent(uint32_t events) {
+    uint8_t* data = buffer_.get();
+    bool drained = false;
+    for (int n = 0; n < kSinkBatch && !drained; n++) {
+      iovec iov{data, kPacketBufferSize};
+      msghdr message{};
+      message.msg_iov = &iov;
+      message.msg_iovlen = 1;
+      ssize_t got = recvmsg(sink_, &message, MSG_DONTWAIT);
+      if (got < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN) {
+          drained = true;
+          continue;
+        }
+        // ECONNRESET and the like do not heal, and level-triggered epoll would report them forever.
+        shared_->Count(kDropSinkReadError);
+        StopSink();
+        return;
+      }
+      if (got == 0) {
+        // EOF (SEQPACKET never carries empty messages): the peer is gone. Sends to it now fail as sinkError.
+        shared_->sink_eof.store(true, std::memory_order_relaxed);
+        StopSink();
+        return;
+      }
+      shared_->packets_from_sink.fetch_add(1, std::memory_order_relaxed);
+      if (message.msg_flags & MSG_TRUNC) {
+        shared_->Count(kDropOversize);
+        continue;
+      }
+      ssize_t written = write(tun_, data, static_cast<size_t>(got));
+      if (written < 0) {
+        shared_->Count(errno == EAGAIN ? kDropTunFull : kDropTunError);
+        continue;
+      }
+      shared_->packets_to_tun.fetch_add(1, std::memory_order_relaxed);
+    }
+    // As for flows: a hang-up with nothing left to read would otherwise be reported on every round.
+    if (drained && (events & (EPOLLHUP | EPOLLERR)) != 0) {
+      shared_->sink_eof.store(true, std::memory_order_relaxed);
+      StopSink();
+    }
+  }
+
+  // Stops reading the sink; it stays open (it is the caller's), and tun -> sink keeps trying (and counting).
+  void StopSink() {
+    if (!sink_polled_) return;
+    epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, sink_, nullptr);
+    sink_polled_ = false;
+  }
+
   // FIN both ways or an RST either way: the flow is over, but it keeps relaying for closeDelayMs so the last
   // ACK and any retransmitted FIN still pass.
   void Track(Flow* flow, uint8_t flags, bool from_client) {
@@ -512,12 +637,15 @@ class OnRampLoop {
 
   std::shared_ptr<OnRampShared> shared_;
   int tun_;
+  int sink_;  // -1 without a sink
+  bool demultiplex_tcp_;
   int64_t close_delay_ms_;
   int64_t idle_timeout_ms_;
   std::unique_ptr<uint8_t[]> buffer_;
   FileDescriptor epoll_;
   FileDescriptor wake_;
   bool tun_polled_ = false;
+  bool sink_polled_ = false;
   std::atomic<bool> stopping_{false};
   std::thread thread_;
   // Touched only by the loop thread.
@@ -553,8 +681,24 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
     }
     int tun_fd = FdArgument(info, 0);
     Napi::Object options = info[1].As<Napi::Object>();
-    auto close_delay_ms = static_cast<int64_t>(NumberField(options, "closeDelayMs", 500, 0, kMaxSafeInteger));
-    auto idle_timeout_ms = static_cast<int64_t>(NumberField(options, "idleTimeoutMs", 0, 0, kMaxSafeInteger));
+    OnRampConfig config;
+    config.close_delay_ms = static_cast<int64_t>(NumberField(options, "closeDelayMs", 500, 0, kMaxSafeInteger));
+    config.idle_timeout_ms = static_cast<int64_t>(NumberField(options, "idleTimeoutMs", 0, 0, kMaxSafeInteger));
+    config.sink_fd = static_cast<int>(NumberField(options, "sinkFd", -1, -1, 2147483647.0));
+    config.demultiplex_tcp = BoolField(options, "demultiplexTcp", true);
+    if (config.sink_fd < 0 && !config.demultiplex_tcp) {
+      throw Napi::TypeError::New(env, "\"demultiplexTcp\": false needs a \"sinkFd\" to send TCP to");
+    }
+    if (config.sink_fd >= 0) {
+      // Message boundaries are what make a socket a packet channel: a stream socket would glue packets together.
+      int type = 0;
+      socklen_t length = sizeof type;
+      if (getsockopt(config.sink_fd, SOL_SOCKET, SO_TYPE, &type, &length) < 0) {
+        throw ErrnoException(env, errno, "getsockopt(SO_TYPE)");
+      }
+      if (type != SOCK_SEQPACKET) throw Napi::TypeError::New(env, "\"sinkFd\" must be a SOCK_SEQPACKET socket");
+      SetFlowSocketBuffers(config.sink_fd);
+    }
     // The tun is the caller's, but read(2) has no MSG_DONTWAIT: the loop needs it nonblocking.
     if (SetNonblocking(tun_fd) < 0) throw ErrnoException(env, errno, "fcntl");
     on_flows_ = Napi::Persistent(info[2].As<Napi::Function>());
@@ -565,7 +709,7 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
     notify_.get()->data = this;
     shared_->notify = notify_.get();
     try {
-      loop_ = std::make_unique<OnRampLoop>(shared_, tun_fd, close_delay_ms, idle_timeout_ms);
+      loop_ = std::make_unique<OnRampLoop>(shared_, tun_fd, config);
     } catch (const SetupError& error) {
       notify_.Close();
       throw ErrnoException(env, error.err, error.syscall);
@@ -600,6 +744,9 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
     stats.Set("flowsTotal", static_cast<double>(s.flows_total.load()));
     stats.Set("packetsFromTun", static_cast<double>(s.packets_from_tun.load()));
     stats.Set("packetsToTun", static_cast<double>(s.packets_to_tun.load()));
+    stats.Set("packetsToSink", static_cast<double>(s.packets_to_sink.load()));
+    stats.Set("packetsFromSink", static_cast<double>(s.packets_from_sink.load()));
+    stats.Set("sinkEof", s.sink_eof.load());
     Napi::Object drops = Napi::Object::New(env);
     for (size_t i = 0; i < kDropCount; i++) drops.Set(DropName(i), static_cast<double>(s.drops[i].load()));
     stats.Set("drops", drops);

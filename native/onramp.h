@@ -1,7 +1,8 @@
-// The on-ramp demultiplexer: a client-side tun split into one SOCK_SEQPACKET socket per TCP flow, and back.
+// The on-ramp demultiplexer: a client-side tun split into one SOCK_SEQPACKET socket per TCP flow, and back,
+// with an optional catch-all sink socket for everything else (or everything).
 //
-// Used by the test harness, the benchmark and the example proxy to feed Bumblebee, so that they measure
-// Bumblebee and not a JavaScript packet loop. Man pages: unix(7), epoll(7). Recipe: notes/bumblebee-kernel.md §9.
+// Used by the test harness, the benchmark and the example proxy to feed Bumblebee (flow sockets) and Fish (the
+// sink), so that they measure the daemon and not a JavaScript packet loop. Man pages: unix(7), epoll(7). Recipe: notes/bumblebee-kernel.md §9.
 #pragma once
 
 #include <napi.h>

@@ -9,9 +9,10 @@ const needed = [
   ['setsid', 'util-linux', 'starting a successor re-parented away from its predecessor (restart tests)'],
   ['python3', 'python3', 'forging partly sealed memfds the Node API cannot make (protocol tests)'],
   ['ip', 'iproute2', 'network namespaces and tun devices (TCP and Bumblebee tests)'],
-  ['nft', 'nftables', 'Fish\'s conntrack enabler table (Fish host-network tests; also a runtime dependency of Fish)'],
-  ['conntrack', 'conntrack', 'inserting and listing conntrack entries in a test namespace (Fish host-network tests)'],
-  ['curl', 'curl', 'a real HTTP client downloading through Bumblebee and Splicer'],
+  ['curl', 'curl', 'a real HTTP client downloading through Bumblebee, Splicer and Fish'],
+  ['nft', 'nftables', 'the conntrack-enabling table Fish installs (a runtime dependency of Fish too)'],
+  ['conntrack', 'conntrack', 'inspecting and pre-creating conntrack entries in Fish tests'],
+  ['ping', 'iputils-ping', 'ICMP echo through Fish (and the Fish test topology)'],
   ['clang++', 'clang', 'building the libFuzzer target for the packet parser and NAT rewrite (packet fuzz test)'],
   [
     'clang++ -fsanitize=fuzzer',

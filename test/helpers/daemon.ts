@@ -49,12 +49,25 @@ export async function startDaemon(
   t: Test,
   service: string,
   args: string[] = [],
-  options: { env?: NodeJS.ProcessEnv; uid?: number; gid?: number; dir?: string } = {},
+  options: {
+    env?: NodeJS.ProcessEnv;
+    uid?: number;
+    gid?: number;
+    dir?: string;
+    /**
+     * A named network namespace (`ip netns add`) to run the daemon in, via `ip netns exec`: it execs the
+     * daemon, so the pid we track and kill is the daemon's own, not a wrapper's.
+     */
+    netns?: string;
+  } = {},
 ): Promise<TestDaemon> {
   const dir = options.dir ?? tempDir(t);
   const socket = path.join(dir, `${service}.sock`);
-  const { command, args: base } = cliCommand();
-  const child = spawn(command, [...base, service, '--socket', socket, '--log-level', 'debug', ...args], {
+  const cli = cliCommand();
+  const daemonArgs = [...cli.args, service, '--socket', socket, '--log-level', 'debug', ...args];
+  const [command, commandArgs] =
+    options.netns === undefined ? [cli.command, daemonArgs] : ['ip', ['netns', 'exec', options.netns, cli.command, ...daemonArgs]];
+  const child = spawn(command, commandArgs, {
     cwd: root,
     env: { ...process.env, ...options.env },
     stdio: ['ignore', 'pipe', 'pipe'],

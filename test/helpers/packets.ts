@@ -1,6 +1,7 @@
 /**
- * Raw IPv4/IPv6 TCP and UDP packets built and read in tests, with correct checksums (RFC 1071), so a
- * test can play a client's TCP stack by hand through a flow socket and forge every kind of bad packet.
+ * Raw IPv4/IPv6 TCP, UDP and ICMP echo packets built and read in tests, with correct checksums (RFC 1071),
+ * so a test can play a client's TCP stack by hand through a flow socket, answer a client through an
+ * on-ramp sink, and forge every kind of bad packet.
  */
 import net from 'node:net';
 
@@ -192,3 +193,119 @@ export function parseTcpPacket(packet: Buffer): ParsedSegment | null {
 
 /** The MSS option (4 bytes). */
 export const mssOption = (mss: number): Buffer => Buffer.from([2, 4, mss >> 8, mss & 0xff]);
+
+/** An address's bytes (4 or 16) as text, in the form Node prints (`::` compression for IPv6). */
+export function addressString(bytes: Buffer): string {
+  if (bytes.length === 4) return [...bytes].join('.');
+  const words = Array.from({ length: 8 }, (_, i) => bytes.readUInt16BE(i * 2).toString(16));
+  // RFC 5952: the longest run (first if tied) of two or more zero words becomes `::`.
+  let bestStart = -1;
+  let bestLength = 1;
+  for (let i = 0; i < 8; ) {
+    if (words[i] !== '0') {
+      i++;
+      continue;
+    }
+    let j = i;
+    while (j < 8 && words[j] === '0') j++;
+    if (j - i > bestLength) [bestStart, bestLength] = [i, j - i];
+    i = j;
+  }
+  if (bestStart < 0) return words.join(':');
+  return `${words.slice(0, bestStart).join(':')}::${words.slice(bestStart + bestLength).join(':')}`;
+}
+
+/** ICMP (IPv4) and ICMPv6 echo type numbers. */
+export const ICMP_ECHO_REPLY = 0;
+export const ICMP_ECHO_REQUEST = 8;
+export const ICMP6_ECHO_REQUEST = 128;
+export const ICMP6_ECHO_REPLY = 129;
+
+/**
+ * A complete ICMP (IPv4) or ICMPv6 echo request or reply. ICMPv6's checksum covers a pseudo-header
+ * (RFC 4443 §2.3), ICMPv4's only the message (RFC 792).
+ */
+export function icmpEchoPacket(spec: { src: string; dst: string; reply: boolean; id: number; seq: number; payload?: Buffer }): Buffer {
+  const src = addressBytes(spec.src);
+  const dst = addressBytes(spec.dst);
+  const v4 = src.length === 4;
+  const payload = spec.payload ?? Buffer.alloc(0);
+  const icmp = Buffer.alloc(8 + payload.length);
+  icmp[0] = v4 ? (spec.reply ? ICMP_ECHO_REPLY : ICMP_ECHO_REQUEST) : spec.reply ? ICMP6_ECHO_REPLY : ICMP6_ECHO_REQUEST;
+  icmp.writeUInt16BE(spec.id, 4);
+  icmp.writeUInt16BE(spec.seq, 6);
+  payload.copy(icmp, 8);
+  const protocol = v4 ? 1 : 58;
+  icmp.writeUInt16BE(~(v4 ? sum(icmp) : sum(pseudoHeader(src, dst, protocol, icmp.length), icmp)) & 0xffff, 2);
+  return Buffer.concat([ipHeader(v4 ? 4 : 6, protocol, src, dst, icmp.length), icmp]);
+}
+
+/** Any IPv4/IPv6 packet, read far enough to tell flows apart (no IPv6 extension headers are walked). */
+export interface ParsedIpPacket {
+  family: 4 | 6;
+  /** 6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6, or whatever the header says. */
+  protocol: number;
+  src: string;
+  dst: string;
+  /** TCP/UDP ports; for ICMP echo, the identifier as both (what NAT keys it by), else 0. */
+  sport: number;
+  dport: number;
+  /** ICMP type, TCP flags: whatever distinguishes packets of the protocol; 0 for UDP. */
+  kind: number;
+  /** ICMP echo sequence number (0 otherwise). */
+  seq: number;
+  /** The transport payload (after the TCP/UDP/ICMP header). */
+  payload: Buffer;
+  /** IPv4 header and transport checksums verify (UDP checksum 0 over IPv4 counts as valid). */
+  checksumsValid: boolean;
+}
+
+/** Reads an IPv4/IPv6 TCP, UDP or ICMP packet; null if it is none of those or is cut short. */
+export function parseIpPacket(packet: Buffer): ParsedIpPacket | null {
+  if (packet.length < 1) return null;
+  const family = packet[0]! >> 4;
+  let headerLength: number;
+  let total: number;
+  let protocol: number;
+  let src: Buffer;
+  let dst: Buffer;
+  if (family === 4 && packet.length >= 20) {
+    headerLength = (packet[0]! & 0x0f) * 4;
+    total = packet.readUInt16BE(2);
+    protocol = packet[9]!;
+    src = packet.subarray(12, 16);
+    dst = packet.subarray(16, 20);
+  } else if (family === 6 && packet.length >= 40) {
+    headerLength = 40;
+    total = 40 + packet.readUInt16BE(4);
+    protocol = packet[6]!;
+    src = packet.subarray(8, 24);
+    dst = packet.subarray(24, 40);
+  } else {
+    return null;
+  }
+  if (total > packet.length || total < headerLength) return null;
+  const l4 = packet.subarray(headerLength, total);
+  const ipValid = family === 6 || sum(packet.subarray(0, headerLength)) === 0xffff;
+  const base = { family: family as 4 | 6, protocol, src: addressString(src), dst: addressString(dst) };
+  if (protocol === 6) {
+    const tcp = parseTcpPacket(packet);
+    if (!tcp) return null;
+    return { ...base, sport: tcp.sport, dport: tcp.dport, kind: tcp.flags, seq: tcp.seq, payload: tcp.payload, checksumsValid: tcp.checksumsValid };
+  }
+  if (protocol === 17) {
+    if (l4.length < 8) return null;
+    const checksum = l4.readUInt16BE(6);
+    const l4Valid = (family === 4 && checksum === 0) || sum(pseudoHeader(src, dst, 17, l4.length), l4) === 0xffff;
+    return { ...base, sport: l4.readUInt16BE(0), dport: l4.readUInt16BE(2), kind: 0, seq: 0, payload: Buffer.from(l4.subarray(8)), checksumsValid: ipValid && l4Valid };
+  }
+  if (protocol === 1 || protocol === 58) {
+    if (l4.length < 8) return null;
+    const l4Valid = protocol === 1 ? sum(l4) === 0xffff : sum(pseudoHeader(src, dst, 58, l4.length), l4) === 0xffff;
+    const type = l4[0]!;
+    const echo = protocol === 1 ? type === ICMP_ECHO_REQUEST || type === ICMP_ECHO_REPLY : type === ICMP6_ECHO_REQUEST || type === ICMP6_ECHO_REPLY;
+    const id = echo ? l4.readUInt16BE(4) : 0;
+    return { ...base, sport: id, dport: id, kind: type, seq: echo ? l4.readUInt16BE(6) : 0, payload: Buffer.from(l4.subarray(8)), checksumsValid: ipValid && l4Valid };
+  }
+  return null;
+}
