@@ -9,10 +9,12 @@ import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 import type { BumblebeeBinding } from './native-bumblebee.js';
+import type { FishBinding } from './native-fish.js';
 import type { CompletionCallback, SpliceEngine, SpliceEngineOptions } from './native-splice.js';
 
 export type * from './native-splice.js';
 export type * from './native-bumblebee.js';
+export type * from './native-fish.js';
 
 /** Credentials of the process at the other end of a connected AF_UNIX socket (`SO_PEERCRED`). */
 export interface PeerCredentials {
@@ -145,7 +147,7 @@ export interface SeqpacketListener {
 }
 
 /** Everything fdferry needs from native code. */
-export interface NativeBinding extends BumblebeeBinding {
+export interface NativeBinding extends BumblebeeBinding, FishBinding {
   /** Creates, binds and listens on a SOCK_SEQPACKET socket (nonblocking, close-on-exec). A leading NUL means abstract. */
   seqpacketListen(path: string, backlog: number): number;
   /** Connects a new SOCK_SEQPACKET socket (nonblocking, close-on-exec) to `path`. */

@@ -9,6 +9,7 @@
 #include "constants.h"
 #include "errors.h"
 #include "fd.h"
+#include "fish_pump.h"
 #include "memfd.h"
 #include "netns.h"
 #include "notify.h"
@@ -33,6 +34,7 @@ Fdferry::Fdferry(Napi::Env env, Napi::Object exports) : receive_buffer_(new char
   InitNetns(env, exports);
   InitUpgradePump(env, exports, *this);
   InitOnRamp(env, exports, *this);
+  InitFishPump(env, exports, *this);
   exports.Set("constants", MakeConstants(env));
   DefineAddon(exports, {});
 

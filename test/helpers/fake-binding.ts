@@ -320,6 +320,22 @@ export class FakeBinding implements NativeBinding {
   createOnRamp(): never {
     throw new Error('FakeBinding: no on-ramp');
   }
+  // Fish's native parts need netlink, a tun and conntrack: no fake either.
+  netlinkOpen(): never {
+    throw new Error('FakeBinding: no netlink');
+  }
+  netlinkRequest(): never {
+    throw new Error('FakeBinding: no netlink');
+  }
+  openPersistentTun(): never {
+    throw new Error('FakeBinding: no tun devices');
+  }
+  unpersistTun(): never {
+    throw new Error('FakeBinding: no tun devices');
+  }
+  createFishPump(): never {
+    throw new Error('FakeBinding: no fish pump');
+  }
   createSpliceEngine(): never {
     throw new Error('the fake binding has no splice engine; Splicer tests use the real addon');
   }
