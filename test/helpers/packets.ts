@@ -192,3 +192,69 @@ export function parseTcpPacket(packet: Buffer): ParsedSegment | null {
 
 /** The MSS option (4 bytes). */
 export const mssOption = (mss: number): Buffer => Buffer.from([2, 4, mss >> 8, mss & 0xff]);
+
+/** A complete ICMP (IPv4) or ICMPv6 echo request (`reply` for an echo reply). */
+export function icmpEchoPacket(spec: { src: string; dst: string; id: number; seq: number; payload?: Buffer; reply?: boolean }): Buffer {
+  const src = addressBytes(spec.src);
+  const dst = addressBytes(spec.dst);
+  const v4 = src.length === 4;
+  const payload = spec.payload ?? Buffer.alloc(0);
+  const icmp = Buffer.alloc(8 + payload.length);
+  icmp[0] = v4 ? (spec.reply ? 0 : 8) : spec.reply ? 129 : 128;
+  icmp.writeUInt16BE(spec.id, 4);
+  icmp.writeUInt16BE(spec.seq, 6);
+  payload.copy(icmp, 8);
+  const covered = v4 ? [icmp] : [pseudoHeader(src, dst, 58, icmp.length), icmp];
+  icmp.writeUInt16BE(~sum(...covered) & 0xffff, 2);
+  return Buffer.concat([ipHeader(v4 ? 4 : 6, v4 ? 1 : 58, src, dst, icmp.length), icmp]);
+}
+
+/** An IPv4/IPv6 packet as far as tests need it. */
+export interface ParsedIpPacket {
+  family: 4 | 6;
+  /** The IP protocol / next header (6, 17, 1, 58...). */
+  protocol: number;
+  src: string;
+  dst: string;
+  /** The IPv4 identification (0 for IPv6). */
+  id: number;
+  /** The L4 message (TCP segment, UDP datagram, ICMP message), as far as the IP length says. */
+  l4: Buffer;
+  /** Whether the IPv4 header checksum and the L4 checksum verify (a UDP checksum of 0 over IPv4 counts as valid). */
+  checksumsValid: boolean;
+}
+
+const addressText = (bytes: Buffer): string =>
+  bytes.length === 4
+    ? [...bytes].join('.')
+    : // The URL parser prints IPv6 in its canonical (RFC 5952) form.
+      new URL(`http://[${Array.from({ length: 8 }, (_, i) => bytes.readUInt16BE(i * 2).toString(16)).join(':')}]`).hostname.slice(1, -1);
+
+/** Reads any IPv4/IPv6 packet; null if it is not IP. */
+export function parseIpPacket(packet: Buffer): ParsedIpPacket | null {
+  if (packet.length < 1) return null;
+  const family = packet[0]! >> 4;
+  if (family === 4 && packet.length >= 20) {
+    const headerLength = (packet[0]! & 0x0f) * 4;
+    const total = packet.readUInt16BE(2);
+    const src = packet.subarray(12, 16);
+    const dst = packet.subarray(16, 20);
+    const protocol = packet[9]!;
+    const l4 = packet.subarray(headerLength, total);
+    const ipValid = sum(packet.subarray(0, headerLength)) === 0xffff;
+    let l4Valid: boolean;
+    if (protocol === 1) l4Valid = sum(l4) === 0xffff;
+    else if (protocol === 17 && l4.readUInt16BE(6) === 0) l4Valid = true;
+    else l4Valid = sum(pseudoHeader(src, dst, protocol, l4.length), l4) === 0xffff;
+    return { family: 4, protocol, src: addressText(src), dst: addressText(dst), id: packet.readUInt16BE(4), l4, checksumsValid: ipValid && l4Valid };
+  }
+  if (family === 6 && packet.length >= 40) {
+    const src = packet.subarray(8, 24);
+    const dst = packet.subarray(24, 40);
+    const protocol = packet[6]!;
+    const l4 = packet.subarray(40, 40 + packet.readUInt16BE(4));
+    const l4Valid = sum(pseudoHeader(src, dst, protocol, l4.length), l4) === 0xffff;
+    return { family: 6, protocol, src: addressText(src), dst: addressText(dst), id: 0, l4, checksumsValid: l4Valid };
+  }
+  return null;
+}

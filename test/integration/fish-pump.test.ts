@@ -1,0 +1,334 @@
+// Fish's native pump (native/fish_pump.cc) against a real kernel: a "host" namespace with forwarding, strict
+// rp_filter, the conntrack enabler table, a tun fish0 and the policy rules of notes/fish-kernel.md §3, an
+// "origin" namespace behind a veth with UDP echo servers and a TCP listener. The pump runs in a child process
+// started in the host namespace (its conntrack socket must be there, as the daemon's is); this process plays
+// the proxy: it writes raw client packets on the registration socket and reads what comes back.
+import t from 'tap';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { loadNative } from '../../lib/native.js';
+import type { FishEvent, FishMappingRow, FishStats, SeqpacketSocket } from '../../lib/native.js';
+import { ACK, RST, SYN, icmpEchoPacket, mssOption, parseIpPacket, parseTcpPacket, tcpPacket, udpPacket } from '../helpers/packets.js';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const childScript = path.resolve(here, '..', 'helpers', 'fish-pump-child.ts');
+const isRoot = process.getuid?.() === 0;
+const tools = ['ip', 'nft', 'conntrack'].every((tool) => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0);
+const skip = !isRoot ? 'needs root (namespaces, tun, conntrack)' : !tools ? 'needs ip, nft and conntrack' : false;
+
+const E = '203.0.113.7';
+const ORIGIN = '198.51.100.2';
+const CLIENT = '100.64.0.2';
+const LO = 40000;
+const HI = 40009;
+const MSS_CLAMP = 1240;
+
+t.setTimeout(120_000);
+
+/** Polls `condition` until it holds or `ms` pass; never a fixed sleep. */
+async function until<T>(what: string, condition: () => T | undefined | null | false | Promise<T | undefined | null | false>, ms = 5000): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const value = await condition();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+t.test('the fish pump NATs a registration through a tun with conntrack reservations', { skip }, async (t) => {
+  const native = loadNative();
+  const suffix = `${process.pid}-${Math.random().toString(36).slice(2, 6)}`;
+  const host = `fpH-${suffix}`;
+  const origin = `fpO-${suffix}`;
+  const started: ChildProcess[] = [];
+  const sh = (args: string[], input?: string) => execFileSync(args[0]!, args.slice(1), { encoding: 'utf8', input, stdio: ['pipe', 'pipe', 'pipe'] });
+  const inHost = (...args: string[]) => sh(['ip', 'netns', 'exec', host, ...args]);
+
+  t.teardown(() => {
+    for (const child of started) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+    for (const ns of [host, origin]) spawnSync('ip', ['netns', 'del', ns], { stdio: 'ignore' });
+  });
+
+  // --- topology -------------------------------------------------------------------------------------------
+  sh(['ip', 'netns', 'add', host]);
+  sh(['ip', 'netns', 'add', origin]);
+  sh(['ip', '-n', host, 'link', 'add', 'h-o', 'type', 'veth', 'peer', 'name', 'o-h', 'netns', origin]);
+  sh(['ip', '-n', host, 'addr', 'add', '198.51.100.1/24', 'dev', 'h-o']);
+  sh(['ip', '-n', origin, 'addr', 'add', `${ORIGIN}/24`, 'dev', 'o-h']);
+  for (const [ns, dev] of [[host, 'h-o'], [origin, 'o-h'], [host, 'lo'], [origin, 'lo']] as const) sh(['ip', '-n', ns, 'link', 'set', dev, 'up']);
+  sh(['ip', '-n', origin, 'route', 'add', 'default', 'via', '198.51.100.1']);
+  inHost('sysctl', '-q', '-w', 'net.ipv4.ip_forward=1', 'net.ipv4.conf.all.rp_filter=1', 'net.ipv4.conf.default.rp_filter=1');
+  sh(['ip', 'netns', 'exec', host, 'nft', '-f', '-'], 'table inet fishct {\n  chain pre {\n    type filter hook prerouting priority -150; policy accept;\n    ct label 127 counter\n  }\n}\n');
+  sh(['ip', '-n', host, 'tuntap', 'add', 'fish0', 'mode', 'tun']);
+
+  // --- origin servers: UDP echo on :9000 and :9001 (one socket per port, bound to the address), TCP :7 ----
+  const originCode = `
+    const dgram = require('node:dgram'), net = require('node:net');
+    for (const port of [9000, 9001]) {
+      const s = dgram.createSocket('udp4');
+      s.on('message', (m, r) => { console.log('udp ' + r.address + ' ' + r.port + ' ' + port); s.send(m, r.port, r.address); });
+      s.bind(port, '${ORIGIN}');
+    }
+    net.createServer((c) => { console.log('tcp ' + c.remoteAddress + ' ' + c.remotePort); c.destroy(); }).listen(7, '${ORIGIN}', () => console.log('ready'));
+  `;
+  const server = spawn('ip', ['netns', 'exec', origin, process.execPath, '-e', originCode], { stdio: ['ignore', 'pipe', 'pipe'] });
+  started.push(server);
+  let originLog = '';
+  server.stdout!.on('data', (chunk: Buffer) => (originLog += chunk.toString()));
+  server.stderr!.on('data', (chunk: Buffer) => (originLog += chunk.toString()));
+  await until('the origin servers', () => originLog.includes('ready'));
+
+  // --- the pump's process -------------------------------------------------------------------------------
+  const [controlMine, controlTheirs] = native.seqpacketPair();
+  const [clientFd, pumpFd] = native.seqpacketPair();
+  const child = spawn('ip', ['netns', 'exec', host, process.execPath, ...process.execArgv, childScript, host], {
+    stdio: ['ignore', 'pipe', 'pipe', controlTheirs, pumpFd],
+  });
+  started.push(child);
+  native.closeAll([controlTheirs, pumpFd]);
+  let childLog = '';
+  child.stdout!.on('data', (chunk: Buffer) => (childLog += chunk.toString()));
+  child.stderr!.on('data', (chunk: Buffer) => (childLog += chunk.toString()));
+
+  const events: FishEvent[] = [];
+  const pending = new Map<number, { resolve: (value: unknown) => void; reject: (error: Error) => void }>();
+  let ready = false;
+  let nextId = 1;
+  const control: SeqpacketSocket = native.openSeqpacket(controlMine, {
+    message: (data) => {
+      const message = JSON.parse(data.toString()) as { id?: number; result?: unknown; error?: { code: string | null; message: string }; events?: FishEvent[]; ready?: boolean };
+      if (message.ready) ready = true;
+      if (message.events) events.push(...message.events);
+      if (message.id !== undefined) {
+        const waiter = pending.get(message.id);
+        pending.delete(message.id);
+        if (message.error) waiter?.reject(Object.assign(new Error(message.error.message), { code: message.error.code }));
+        else waiter?.resolve(message.result);
+      }
+    },
+    drain: () => {},
+    close: () => {
+      for (const waiter of pending.values()) waiter.reject(new Error(`the pump process went away: ${childLog}`));
+      pending.clear();
+    },
+  });
+  t.teardown(() => control.close());
+  const call = <T>(op: string, arg?: unknown): Promise<T> =>
+    new Promise<T>((resolve, reject) => {
+      const id = nextId++;
+      pending.set(id, { resolve: resolve as (value: unknown) => void, reject });
+      control.send(Buffer.from(JSON.stringify({ id, op, arg })), []);
+    });
+  await until('the pump process', () => ready, 15_000).catch((error: Error) => {
+    throw new Error(`${error.message}; its output: ${childLog}`);
+  });
+
+  // Routes and rules once the tun has its reader (notes §3: rules cover the slice before it is used).
+  sh(['ip', '-n', host, 'link', 'set', 'fish0', 'up']);
+  sh(['ip', '-n', host, 'route', 'add', 'default', 'dev', 'fish0', 'table', '4242']);
+  for (const proto of ['udp', 'tcp']) {
+    sh(['ip', '-n', host, 'rule', 'add', 'pref', '100', 'to', E, 'ipproto', proto, 'dport', `${LO}-${HI}`, 'lookup', '4242']);
+  }
+  sh(['ip', '-n', host, 'rule', 'add', 'pref', '101', 'to', E, 'ipproto', 'icmp', 'lookup', '4242']);
+
+  // --- the proxy's end of the registration ----------------------------------------------------------------
+  const replies: Buffer[] = [];
+  const client = native.openSeqpacket(clientFd, {
+    message: (data) => replies.push(Buffer.from(data)),
+    drain: () => {},
+    close: () => {},
+  });
+  t.teardown(() => client.close());
+  /** Waits for (and removes) the first reply matching `match`. */
+  const reply = (what: string, match: (packet: Buffer) => boolean, ms = 5000) =>
+    until(what, () => {
+      const index = replies.findIndex(match);
+      return index < 0 ? null : replies.splice(index, 1)[0]!;
+    }, ms);
+  const stats = () => call<FishStats>('stats');
+  const registrationStats = async () => (await stats()).registrations.find((r) => r.rid === 1)!;
+
+  await call('create', {
+    markBase: 0xf15e0000,
+    mssClamp: MSS_CLAMP,
+    reserveTimeoutS: { tcp: 60, udp: 30, icmp: 30 },
+    idleTimeoutMs: { tcp: 600_000, udp: 60_000, icmp: 30_000 },
+    revalidateAfterMs: 5000,
+    verifyChecksums: true,
+  });
+  await call('addRegistration', {
+    rid: 1,
+    egress4: E,
+    egress6: null,
+    portLo: LO,
+    portHi: HI,
+    protocols: { tcp: true, udp: true, icmp: true },
+    maxMappings: 0,
+  });
+
+  const udpTo = (port: number, clientPort: number, payload: string) =>
+    udpPacket({ src: CLIENT, dst: ORIGIN, sport: clientPort, dport: port, payload: Buffer.from(payload) });
+  const isUdpReply = (clientPort: number, payload: string) => (packet: Buffer) => {
+    const p = parseIpPacket(packet);
+    return p?.protocol === 17 && p.l4.readUInt16BE(2) === clientPort && p.l4.subarray(8).toString() === payload;
+  };
+
+  await t.test('a UDP datagram goes out from the slice and its answer comes back rewritten', async (t) => {
+    client.send(udpTo(9000, 5000, 'hello'), []);
+    const packet = parseIpPacket(await reply('the UDP echo', isUdpReply(5000, 'hello')))!;
+    t.equal(packet.src, ORIGIN, 'from the origin');
+    t.equal(packet.dst, CLIENT, 'to the client address');
+    t.equal(packet.l4.readUInt16BE(0), 9000, 'from the server port');
+    t.ok(packet.checksumsValid, 'IPv4 header and UDP checksums verify');
+    const seen = /^udp (\S+) (\d+) 9000$/m.exec(originLog);
+    t.equal(seen?.[1], E, 'the origin saw the egress address');
+    const port = Number(seen?.[2]);
+    t.ok(port >= LO && port <= HI, `the origin saw a slice port (${port})`);
+    const rows = await call<FishMappingRow[]>('mappings', 1);
+    t.match(rows, [{ rid: 1, protocol: 'udp', family: 4, clientAddress: CLIENT, clientPort: 5000, destinationAddress: ORIGIN, destinationPort: 9000, egressAddress: E, egressPort: port, packetsOut: 1, packetsIn: 1 }]);
+    const listed = inHost('conntrack', '-L', '-m', '0xf15e0001/0xffffffff');
+    t.match(listed, new RegExp(`udp .*src=${E.replace(/\./g, '\\.')} dst=198\\.51\\.100\\.2 sport=${port} dport=9000`), 'conntrack holds the reservation with the registration mark');
+    const s = await registrationStats();
+    t.equal(s.reserved, 1, 'one reservation');
+    t.equal(s.packetsOut, 1);
+    t.equal(s.packetsIn, 1);
+  });
+
+  await t.test('ICMP echo goes out with a slice id and the reply comes back with the client id', async (t) => {
+    client.send(icmpEchoPacket({ src: CLIENT, dst: ORIGIN, id: 777, seq: 1, payload: Buffer.from('ping') }), []);
+    const packet = parseIpPacket(
+      await reply('the echo reply', (b) => {
+        const p = parseIpPacket(b);
+        return p?.protocol === 1 && p.l4[0] === 0;
+      }),
+    )!;
+    t.equal(packet.dst, CLIENT);
+    t.equal(packet.l4.readUInt16BE(4), 777, 'the client echo id');
+    t.equal(packet.l4.subarray(8).toString(), 'ping');
+    t.ok(packet.checksumsValid, 'checksums verify');
+    const row = (await call<FishMappingRow[]>('mappings', 1)).find((r) => r.protocol === 'icmp');
+    t.ok(row && row.egressPort >= LO && row.egressPort <= HI, 'the echo id came from the slice');
+  });
+
+  await t.test('malformed client packets are dropped and counted; the pump keeps serving', async (t) => {
+    const badChecksum = udpTo(9000, 5000, 'corrupt');
+    badChecksum[badChecksum.length - 1]! ^= 0xff;
+    const fragment = tcpPacket({ src: CLIENT, dst: ORIGIN, sport: 5001, dport: 7, seq: 1, flags: SYN, fragment: 0x2000 });
+    const icmpError = Buffer.from(icmpEchoPacket({ src: CLIENT, dst: ORIGIN, id: 1, seq: 1 }));
+    icmpError[20] = 3; // destination unreachable: a client may not send errors through Fish
+    icmpError.writeUInt16BE(0, 22);
+    let folded = 0;
+    for (let i = 20; i < icmpError.length; i += 2) folded += icmpError.readUInt16BE(i);
+    while (folded > 0xffff) folded = (folded & 0xffff) + (folded >>> 16);
+    icmpError.writeUInt16BE(~folded & 0xffff, 22);
+    const junk = [Buffer.from([0x45, 0, 0]), Buffer.from([0x10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]), badChecksum, fragment, icmpError];
+    for (const packet of junk) client.send(packet, []);
+    client.send(udpTo(9000, 5000, 'still there'), []);
+    await reply('the echo after the junk', isUdpReply(5000, 'still there'));
+    const s = await registrationStats();
+    t.match(s.drops, { truncated: 1, badVersion: 1, badChecksum: 1, fragment: 1, icmpError: 1 }, 'each counted by reason');
+    t.equal(s.reserved, 2, 'no reservation for junk (the UDP flow and the echo only)');
+  });
+
+  await t.test('foreign conntrack entries are skipped (EEXIST); a full slice refuses with ICMP admin-prohibited', async (t) => {
+    // Foreign entries whose reply tuples take every slice port toward ORIGIN:9001 (notes §8).
+    for (let port = LO; port <= HI; port++) {
+      inHost('conntrack', '-I', '-p', 'udp', '-s', '10.9.9.9', '-d', ORIGIN, '--sport', String(5000 + port - LO), '--dport', '9001',
+        '-r', ORIGIN, '-q', E, '--reply-port-src', '9001', '--reply-port-dst', String(port), '-t', '120');
+    }
+    const before = await registrationStats();
+    const request = udpTo(9001, 6000, 'refused');
+    client.send(request, []);
+    const refusal = parseIpPacket(
+      await reply('ICMP administratively prohibited', (b) => {
+        const p = parseIpPacket(b);
+        return p?.protocol === 1 && p.l4[0] === 3;
+      }),
+    )!;
+    t.equal(refusal.l4[1], 13, 'code 13: communication administratively prohibited');
+    t.equal(refusal.src, ORIGIN, 'from the destination the client asked for');
+    t.equal(refusal.dst, CLIENT);
+    t.ok(refusal.checksumsValid, 'checksums verify');
+    t.same(refusal.l4.subarray(8), request, 'it quotes the refused packet whole (it is short)');
+    let s = await registrationStats();
+    t.equal(s.collisions - before.collisions, 10, 'every port answered EEXIST');
+    t.equal(s.exhausted - before.exhausted, 1);
+    const event = await until('the exhausted event', () =>
+      events.find((e): e is Extract<FishEvent, { type: 'exhausted' }> => e.type === 'exhausted' && e.protocol === 'udp'),
+    );
+    t.match(event, { rid: 1, family: 4, clientAddress: CLIENT, clientPort: 6000, destinationAddress: ORIGIN, destinationPort: 9001, reason: 'slice', code: null });
+
+    // One port freed: the next flow gets exactly that one.
+    inHost('conntrack', '-D', '-p', 'udp', '-s', '10.9.9.9', '--sport', String(5003), '-d', ORIGIN, '--dport', '9001');
+    client.send(udpTo(9001, 6001, 'through'), []);
+    await reply('the echo on the freed port', isUdpReply(6001, 'through'));
+    t.match(originLog, new RegExp(`^udp ${E.replace(/\./g, '\\.')} ${LO + 3} 9001$`, 'm'), `the origin saw port ${LO + 3}`);
+    s = await registrationStats();
+    t.ok(s.collisions - before.collisions >= 10, 'the occupied ports were skipped again');
+  });
+
+  await t.test('TCP: SYN-ACKs come back clamped; a SYN past the slice gets an RST', async (t) => {
+    const syn = (clientPort: number, seq: number) =>
+      tcpPacket({ src: CLIENT, dst: ORIGIN, sport: clientPort, dport: 7, seq, flags: SYN, options: mssOption(1460) });
+    for (let i = 0; i < 10; i++) client.send(syn(7000 + i, 1000 * i), []);
+    const synAck = parseTcpPacket(
+      await reply('a SYN-ACK', (b) => {
+        const p = parseTcpPacket(b);
+        return p !== null && p.dport === 7000 && (p.flags & (SYN | ACK)) === (SYN | ACK);
+      }),
+    )!;
+    t.ok(synAck.checksumsValid, 'checksums verify');
+    t.equal(synAck.ack, 1, 'acknowledges the SYN');
+    t.equal(synAck.mss, MSS_CLAMP, 'MSS clamped on the way back');
+    await until('ten TCP mappings', async () => (await call<FishMappingRow[]>('mappings', 1)).filter((r) => r.protocol === 'tcp').length === 10);
+
+    client.send(syn(7100, 0x7fff0000), []);
+    const rst = parseTcpPacket(
+      await reply('the RST', (b) => {
+        const p = parseTcpPacket(b);
+        return p !== null && p.dport === 7100;
+      }),
+    )!;
+    t.equal(rst.flags, RST | ACK, 'RST|ACK');
+    t.equal(rst.seq, 0);
+    t.equal(rst.ack, 0x7fff0001, 'acknowledges the SYN');
+    t.equal(rst.sport, 7, 'from the port the client asked for');
+    t.ok(rst.checksumsValid, 'checksums verify');
+    const event = await until('the TCP exhausted event', () =>
+      events.find((e) => e.type === 'exhausted' && e.protocol === 'tcp' && e.clientPort === 7100),
+    );
+    t.match(event, { reason: 'slice', destinationPort: 7 });
+  });
+
+  await t.test('unmapped return traffic is counted', async (t) => {
+    const before = (await stats()).returnDrops.unmapped ?? 0;
+    sh(['ip', 'netns', 'exec', origin, process.execPath, '-e',
+      `const s = require('node:dgram').createSocket('udp4'); s.send('x', ${HI}, '${E}', () => s.close());`]);
+    await until('an unmapped drop', async () => ((await stats()).returnDrops.unmapped ?? 0) > before);
+    t.pass('counted as unmapped');
+  });
+
+  await t.test('pause stops the data path and returns the mappings; resume restarts it', async (t) => {
+    const packetsOut = (await registrationStats()).packetsOut;
+    const rows = await call<FishMappingRow[]>('pause');
+    t.ok(rows.length >= 13, `${rows.length} mappings handed out`);
+    client.send(udpTo(9000, 5000, 'after resume'), []);
+    // The packet is in the socket before the stats call reaches the pump thread: a paused pump leaves it there.
+    t.equal((await registrationStats()).packetsOut, packetsOut, 'nothing read while paused');
+    await call('resume');
+    await reply('the echo after resume', isUdpReply(5000, 'after resume'));
+    t.ok((await registrationStats()).packetsOut > packetsOut, 'read after the resume');
+  });
+
+  await t.test('the proxy hanging up ends the registration, not the pump', async (t) => {
+    client.close();
+    const closed = await until('the closed event', () => events.find((e) => e.type === 'closed'));
+    t.match(closed, { type: 'closed', rid: 1, reason: 'eof', code: null });
+    t.same(await call('mappings', 1), [], 'its mappings are forgotten');
+    t.same((await stats()).registrations, [], 'and the registration');
+    t.equal(await call('removeRegistration', 1), false, 'removing it again is a no-op');
+    await call('close');
+  });
+});
