@@ -258,3 +258,22 @@ export function parseIpPacket(packet: Buffer): ParsedIpPacket | null {
   }
   return null;
 }
+
+/**
+ * An ICMP (IPv4) or ICMPv6 error from `src` to `dst` quoting `quote` (the offending packet, as far as the
+ * router quoted it). `rest` is the 4 bytes after the checksum (the next-hop MTU of frag-needed, the MTU of a
+ * packet-too-big, 0 otherwise).
+ */
+export function icmpErrorPacket(spec: { src: string; dst: string; type: number; code: number; quote: Buffer; rest?: number }): Buffer {
+  const src = addressBytes(spec.src);
+  const dst = addressBytes(spec.dst);
+  const v4 = src.length === 4;
+  const icmp = Buffer.alloc(8 + spec.quote.length);
+  icmp[0] = spec.type;
+  icmp[1] = spec.code;
+  icmp.writeUInt32BE((spec.rest ?? 0) >>> 0, 4);
+  spec.quote.copy(icmp, 8);
+  const covered = v4 ? [icmp] : [pseudoHeader(src, dst, 58, icmp.length), icmp];
+  icmp.writeUInt16BE(~sum(...covered) & 0xffff, 2);
+  return Buffer.concat([ipHeader(v4 ? 4 : 6, v4 ? 1 : 58, src, dst, icmp.length), icmp]);
+}
