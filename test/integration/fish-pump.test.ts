@@ -20,6 +20,10 @@ const skip = !isRoot ? 'needs root (namespaces, tun, conntrack)' : !tools ? 'nee
 const E = '203.0.113.7';
 const ORIGIN = '198.51.100.2';
 const CLIENT = '100.64.0.2';
+const E6 = '2001:db8:e::7';
+const ORIGIN6 = '2001:db8:1::2';
+const CLIENT6 = 'fd00:64::2';
+const REVALIDATE_MS = 300;
 const LO = 40000;
 const HI = 40009;
 const MSS_CLAMP = 1240;
@@ -58,18 +62,22 @@ t.test('the fish pump NATs a registration through a tun with conntrack reservati
   sh(['ip', '-n', host, 'addr', 'add', '198.51.100.1/24', 'dev', 'h-o']);
   sh(['ip', '-n', origin, 'addr', 'add', `${ORIGIN}/24`, 'dev', 'o-h']);
   for (const [ns, dev] of [[host, 'h-o'], [origin, 'o-h'], [host, 'lo'], [origin, 'lo']] as const) sh(['ip', '-n', ns, 'link', 'set', dev, 'up']);
+  sh(['ip', '-n', host, 'addr', 'add', '2001:db8:1::1/64', 'dev', 'h-o', 'nodad']);
+  sh(['ip', '-n', origin, 'addr', 'add', `${ORIGIN6}/64`, 'dev', 'o-h', 'nodad']);
   sh(['ip', '-n', origin, 'route', 'add', 'default', 'via', '198.51.100.1']);
-  inHost('sysctl', '-q', '-w', 'net.ipv4.ip_forward=1', 'net.ipv4.conf.all.rp_filter=1', 'net.ipv4.conf.default.rp_filter=1');
+  sh(['ip', '-n', origin, '-6', 'route', 'add', 'default', 'via', '2001:db8:1::1']);
+  inHost('sysctl', '-q', '-w', 'net.ipv4.ip_forward=1', 'net.ipv4.conf.all.rp_filter=1', 'net.ipv4.conf.default.rp_filter=1',
+    'net.ipv6.conf.all.forwarding=1');
   sh(['ip', 'netns', 'exec', host, 'nft', '-f', '-'], 'table inet fishct {\n  chain pre {\n    type filter hook prerouting priority -150; policy accept;\n    ct label 127 counter\n  }\n}\n');
   sh(['ip', '-n', host, 'tuntap', 'add', 'fish0', 'mode', 'tun']);
 
   // --- origin servers: UDP echo on :9000 and :9001 (one socket per port, bound to the address), TCP :7 ----
   const originCode = `
     const dgram = require('node:dgram'), net = require('node:net');
-    for (const port of [9000, 9001]) {
-      const s = dgram.createSocket('udp4');
+    for (const [type, address, port] of [['udp4', '${ORIGIN}', 9000], ['udp4', '${ORIGIN}', 9001], ['udp6', '${ORIGIN6}', 9000]]) {
+      const s = dgram.createSocket(type);
       s.on('message', (m, r) => { console.log('udp ' + r.address + ' ' + r.port + ' ' + port); s.send(m, r.port, r.address); });
-      s.bind(port, '${ORIGIN}');
+      s.bind(port, address);
     }
     net.createServer((c) => { console.log('tcp ' + c.remoteAddress + ' ' + c.remotePort); c.destroy(); }).listen(7, '${ORIGIN}', () => console.log('ready'));
   `;
@@ -132,6 +140,11 @@ t.test('the fish pump NATs a registration through a tun with conntrack reservati
     sh(['ip', '-n', host, 'rule', 'add', 'pref', '100', 'to', E, 'ipproto', proto, 'dport', `${LO}-${HI}`, 'lookup', '4242']);
   }
   sh(['ip', '-n', host, 'rule', 'add', 'pref', '101', 'to', E, 'ipproto', 'icmp', 'lookup', '4242']);
+  sh(['ip', '-n', host, '-6', 'route', 'add', 'default', 'dev', 'fish0', 'table', '4242']);
+  for (const proto of ['udp', 'tcp']) {
+    sh(['ip', '-n', host, '-6', 'rule', 'add', 'pref', '100', 'to', E6, 'ipproto', proto, 'dport', `${LO}-${HI}`, 'lookup', '4242']);
+  }
+  sh(['ip', '-n', host, '-6', 'rule', 'add', 'pref', '101', 'to', E6, 'ipproto', 'ipv6-icmp', 'lookup', '4242']);
 
   // --- the proxy's end of the registration ----------------------------------------------------------------
   const replies: Buffer[] = [];
@@ -155,13 +168,13 @@ t.test('the fish pump NATs a registration through a tun with conntrack reservati
     mssClamp: MSS_CLAMP,
     reserveTimeoutS: { tcp: 60, udp: 30, icmp: 30 },
     idleTimeoutMs: { tcp: 600_000, udp: 60_000, icmp: 30_000 },
-    revalidateAfterMs: 5000,
+    revalidateAfterMs: REVALIDATE_MS,
     verifyChecksums: true,
   });
   await call('addRegistration', {
     rid: 1,
     egress4: E,
-    egress6: null,
+    egress6: E6,
     portLo: LO,
     portHi: HI,
     protocols: { tcp: true, udp: true, icmp: true },
@@ -302,6 +315,95 @@ t.test('the fish pump NATs a registration through a tun with conntrack reservati
     t.match(event, { reason: 'slice', destinationPort: 7 });
   });
 
+  const escape = (text: string) => text.replace(/[.:]/g, (c) => `\\${c}`);
+  const udpPort = (clientPort: number) => async () =>
+    (await call<FishMappingRow[]>('mappings', 1)).find((r) => r.protocol === 'udp' && r.clientPort === clientPort && r.family === 4);
+
+  await t.test('an ICMP port unreachable is translated back to the client tuple', async (t) => {
+    const request = udpTo(9999, 5100, 'nobody home');
+    client.send(request, []);
+    const error = parseIpPacket(
+      await reply('the port unreachable', (b) => {
+        const p = parseIpPacket(b);
+        return p?.protocol === 1 && p.l4[0] === 3 && p.l4[1] === 3;
+      }),
+    )!;
+    t.equal(error.src, ORIGIN, 'from the origin');
+    t.equal(error.dst, CLIENT, 'to the client');
+    t.ok(error.checksumsValid, 'outer IPv4 and ICMP checksums verify');
+    const quoted = error.l4.subarray(8);
+    const inner = parseIpPacket(Buffer.from(quoted))!;
+    t.equal(inner.src, CLIENT, 'the quoted source is the client again');
+    t.equal(inner.dst, ORIGIN);
+    t.equal(inner.l4.readUInt16BE(0), 5100, 'the quoted source port is the client port');
+    t.equal(inner.l4.readUInt16BE(2), 9999);
+    t.ok(inner.checksumsValid, 'the quoted IPv4 header and UDP checksums verify (the whole datagram was quoted)');
+  });
+
+  await t.test('an idle mapping is revalidated: gone => the same port again; taken => another port', async (t) => {
+    const row = await until('the UDP mapping', udpPort(5000));
+    const port = row.egressPort;
+    const before = await registrationStats();
+    inHost('conntrack', '-D', '-p', 'udp', '-s', E, '--sport', String(port), '-d', ORIGIN, '--dport', '9000');
+    await until('the mapping to go idle', async () => ((await udpPort(5000)())?.idleMs ?? 0) > REVALIDATE_MS);
+    client.send(udpTo(9000, 5000, 'revalidated'), []);
+    await reply('the echo after revalidation', isUdpReply(5000, 'revalidated'));
+    let s = await registrationStats();
+    t.equal(s.reserved - before.reserved, 1, 'reserved again');
+    t.equal((await udpPort(5000)())?.egressPort, port, 'on the same port');
+    t.match(inHost('conntrack', '-L', '-m', '0xf15e0001/0xffffffff'), new RegExp(`sport=${port} dport=9000`), 'the entry is back');
+
+    // Now someone else takes the tuple while the mapping idles.
+    inHost('conntrack', '-D', '-p', 'udp', '-s', E, '--sport', String(port), '-d', ORIGIN, '--dport', '9000');
+    inHost('conntrack', '-I', '-p', 'udp', '-s', '10.9.9.8', '-d', ORIGIN, '--sport', '4444', '--dport', '9000',
+      '-r', ORIGIN, '-q', E, '--reply-port-src', '9000', '--reply-port-dst', String(port), '-t', '120');
+    await until('the mapping to go idle', async () => ((await udpPort(5000)())?.idleMs ?? 0) > REVALIDATE_MS);
+    client.send(udpTo(9000, 5000, 'remapped'), []);
+    await reply('the echo after the remap', isUdpReply(5000, 'remapped'));
+    const moved = (await udpPort(5000)())!;
+    t.not(moved.egressPort, port, `moved to another port (${moved.egressPort})`);
+    t.match(originLog, new RegExp(`^udp ${escape(E)} ${moved.egressPort} 9000$`, 'm'), 'the origin saw the new port');
+    s = await registrationStats();
+    t.equal(s.drops.remapped, 1, 'counted as remapped');
+  });
+
+  await t.test('IPv6: UDP, ICMPv6 echo and a translated ICMPv6 port unreachable', async (t) => {
+    client.send(udpPacket({ src: CLIENT6, dst: ORIGIN6, sport: 5000, dport: 9000, payload: Buffer.from('hello six') }), []);
+    const udp = parseIpPacket(await reply('the UDP echo over IPv6', (b) => {
+      const p = parseIpPacket(b);
+      return p?.family === 6 && p.protocol === 17 && p.l4.subarray(8).toString() === 'hello six';
+    }))!;
+    t.equal(udp.src, ORIGIN6);
+    t.equal(udp.dst, CLIENT6);
+    t.equal(udp.l4.readUInt16BE(2), 5000);
+    t.ok(udp.checksumsValid, 'UDP checksum verifies');
+    const seen = new RegExp(`^udp ${escape(E6)} (\\d+) 9000$`, 'm').exec(originLog);
+    t.ok(seen && Number(seen[1]) >= LO && Number(seen[1]) <= HI, 'the origin saw the IPv6 egress address and a slice port');
+    t.match(inHost('conntrack', '-L', '-f', 'ipv6', '-m', '0xf15e0001/0xffffffff'), /udp .*src=2001:db8:e::7 dst=2001:db8:1::2/, 'reserved in conntrack');
+
+    client.send(icmpEchoPacket({ src: CLIENT6, dst: ORIGIN6, id: 4242, seq: 9, payload: Buffer.from('ping6') }), []);
+    const echo = parseIpPacket(await reply('the ICMPv6 echo reply', (b) => {
+      const p = parseIpPacket(b);
+      return p?.family === 6 && p.protocol === 58 && p.l4[0] === 129;
+    }))!;
+    t.equal(echo.dst, CLIENT6);
+    t.equal(echo.l4.readUInt16BE(4), 4242, 'the client echo id');
+    t.ok(echo.checksumsValid, 'ICMPv6 checksum (with pseudo-header) verifies');
+
+    client.send(udpPacket({ src: CLIENT6, dst: ORIGIN6, sport: 5101, dport: 9999, payload: Buffer.from('nobody') }), []);
+    const error = parseIpPacket(await reply('the ICMPv6 port unreachable', (b) => {
+      const p = parseIpPacket(b);
+      return p?.family === 6 && p.protocol === 58 && p.l4[0] === 1;
+    }))!;
+    t.equal(error.l4[1], 4, 'code 4: port unreachable');
+    t.equal(error.dst, CLIENT6);
+    t.ok(error.checksumsValid, 'ICMPv6 checksum verifies after the translation');
+    const inner = parseIpPacket(Buffer.from(error.l4.subarray(8)))!;
+    t.equal(inner.src, CLIENT6, 'the quoted source is the client');
+    t.equal(inner.l4.readUInt16BE(0), 5101, 'and its port');
+    t.ok(inner.checksumsValid, 'the quoted UDP checksum verifies');
+  });
+
   await t.test('unmapped return traffic is counted', async (t) => {
     const before = (await stats()).returnDrops.unmapped ?? 0;
     sh(['ip', 'netns', 'exec', origin, process.execPath, '-e',
@@ -313,7 +415,7 @@ t.test('the fish pump NATs a registration through a tun with conntrack reservati
   await t.test('pause stops the data path and returns the mappings; resume restarts it', async (t) => {
     const packetsOut = (await registrationStats()).packetsOut;
     const rows = await call<FishMappingRow[]>('pause');
-    t.ok(rows.length >= 13, `${rows.length} mappings handed out`);
+    t.ok(rows.length >= 16, `${rows.length} mappings handed out`);
     client.send(udpTo(9000, 5000, 'after resume'), []);
     // The packet is in the socket before the stats call reaches the pump thread: a paused pump leaves it there.
     t.equal((await registrationStats()).packetsOut, packetsOut, 'nothing read while paused');
