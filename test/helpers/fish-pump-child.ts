@@ -6,7 +6,8 @@
  * fd 3: a SOCK_SEQPACKET control socket to the parent, one JSON message each way per request
  *       (`{ id, op, arg }` → `{ id, result }` or `{ id, error: { code, message } }`); pump events are pushed
  *       as `{ events }`.
- * fd 4: the registration's packet socket (the pump end of a seqpacketPair the parent made).
+ * fd 4, 5: registrations' packet sockets (the pump ends of seqpacketPairs the parent made); a registration
+ *       names its fd, 4 by default.
  * argv[2]: the host namespace's name; the tun `fish0` already exists there.
  */
 import { loadNative } from '../../lib/native.js';
@@ -31,7 +32,7 @@ const control = native.openSeqpacket(3, {
   // The parent went away: nothing left to serve.
   close: () => {
     pump?.close();
-    native.closeAll([tunFd, 4]);
+    native.closeAll([tunFd, 4, 5]);
     process.exit(0);
   },
 });
@@ -44,7 +45,7 @@ function run(op: string, arg: any): unknown {
       });
       return null;
     case 'addRegistration':
-      return pump!.addRegistration({ ...arg, fd: 4 });
+      return pump!.addRegistration({ fd: 4, ...arg });
     case 'removeRegistration':
       return pump!.removeRegistration(arg);
     case 'addMappings':

@@ -24,6 +24,7 @@ const E6 = '2001:db8:e::7';
 const ORIGIN6 = '2001:db8:1::2';
 const CLIENT6 = 'fd00:64::2';
 const REVALIDATE_MS = 300;
+const ICMP_IDLE_MS = 1500;
 const LO = 40000;
 const HI = 40009;
 const MSS_CLAMP = 1240;
@@ -91,11 +92,12 @@ t.test('the fish pump NATs a registration through a tun with conntrack reservati
   // --- the pump's process -------------------------------------------------------------------------------
   const [controlMine, controlTheirs] = native.seqpacketPair();
   const [clientFd, pumpFd] = native.seqpacketPair();
+  const [client2Fd, pump2Fd] = native.seqpacketPair();
   const child = spawn('ip', ['netns', 'exec', host, process.execPath, ...process.execArgv, childScript, host], {
-    stdio: ['ignore', 'pipe', 'pipe', controlTheirs, pumpFd],
+    stdio: ['ignore', 'pipe', 'pipe', controlTheirs, pumpFd, pump2Fd],
   });
   started.push(child);
-  native.closeAll([controlTheirs, pumpFd]);
+  native.closeAll([controlTheirs, pumpFd, pump2Fd]);
   let childLog = '';
   child.stdout!.on('data', (chunk: Buffer) => (childLog += chunk.toString()));
   child.stderr!.on('data', (chunk: Buffer) => (childLog += chunk.toString()));
@@ -167,7 +169,7 @@ t.test('the fish pump NATs a registration through a tun with conntrack reservati
     markBase: 0xf15e0000,
     mssClamp: MSS_CLAMP,
     reserveTimeoutS: { tcp: 60, udp: 30, icmp: 30 },
-    idleTimeoutMs: { tcp: 600_000, udp: 60_000, icmp: 30_000 },
+    idleTimeoutMs: { tcp: 600_000, udp: 60_000, icmp: ICMP_IDLE_MS },
     revalidateAfterMs: REVALIDATE_MS,
     verifyChecksums: true,
   });
@@ -412,10 +414,65 @@ t.test('the fish pump NATs a registration through a tun with conntrack reservati
     t.pass('counted as unmapped');
   });
 
+  await t.test('idle mappings expire by protocol', async (t) => {
+    const echoMappings = async () => (await call<FishMappingRow[]>('mappings', 1)).filter((r) => r.protocol === 'icmp');
+    t.ok((await echoMappings()).length >= 1, 'echo mappings exist');
+    await until('the echo mappings to expire', async () => (await echoMappings()).length === 0, ICMP_IDLE_MS + 5000);
+    t.ok((await call<FishMappingRow[]>('mappings', 1)).some((r) => r.protocol === 'udp'), 'UDP mappings (longer timeout) stay');
+  });
+
+  await t.test('a second registration: maxMappings refuses with reason limit; addMappings installs without reserving', async (t) => {
+    const replies2: Buffer[] = [];
+    const client2 = native.openSeqpacket(client2Fd, { message: (data) => replies2.push(Buffer.from(data)), drain: () => {}, close: () => {} });
+    t.teardown(() => client2.close());
+    const reply2 = (what: string, match: (packet: Buffer) => boolean) =>
+      until(what, () => {
+        const index = replies2.findIndex(match);
+        return index < 0 ? null : replies2.splice(index, 1)[0]!;
+      });
+    const CLIENT_B = '100.64.0.3';
+    await call('addRegistration', { rid: 2, fd: 5, egress4: E, egress6: null, portLo: LO, portHi: HI, protocols: { tcp: false, udp: true, icmp: false }, maxMappings: 1 });
+    await t.rejects(call('addRegistration', { rid: 2, fd: 5, egress4: E, egress6: null, portLo: LO, portHi: HI, protocols: { tcp: true, udp: true, icmp: true }, maxMappings: 0 }), { code: 'EFDFERRY_EXISTS' }, 'a rid is registered once');
+
+    client2.send(udpPacket({ src: CLIENT_B, dst: ORIGIN, sport: 5000, dport: 9000, payload: Buffer.from('B') }), []);
+    const echoed = parseIpPacket(await reply2('the echo for registration 2', (b) => parseIpPacket(b)?.protocol === 17))!;
+    t.equal(echoed.dst, CLIENT_B, 'answers go to the registration that sent');
+    const rows2 = await call<FishMappingRow[]>('mappings', 2);
+    t.equal(rows2.length, 1);
+    const rows1 = await call<FishMappingRow[]>('mappings', 1);
+    t.notOk(rows1.some((r) => r.destinationPort === 9000 && r.protocol === 'udp' && r.family === 4 && r.egressPort === rows2[0]!.egressPort),
+      'overlapping slices: conntrack gave the two registrations different ports toward the same destination');
+
+    client2.send(udpPacket({ src: CLIENT_B, dst: ORIGIN, sport: 5001, dport: 9000, payload: Buffer.from('B2') }), []);
+    const refusal = parseIpPacket(await reply2('admin-prohibited for the second flow', (b) => parseIpPacket(b)?.protocol === 1))!;
+    t.equal(refusal.l4[0], 3);
+    t.equal(refusal.l4[1], 13);
+    const event = await until('the limit event', () => events.find((e) => e.type === 'exhausted' && e.rid === 2));
+    t.match(event, { reason: 'limit', protocol: 'udp', clientPort: 5001 });
+
+    client2.send(icmpEchoPacket({ src: CLIENT_B, dst: ORIGIN, id: 1, seq: 1 }), []);
+    await reply2('admin-prohibited for a protocol it may not use', (b) => parseIpPacket(b)?.protocol === 1);
+    await until('the denied drop', async () => (await stats()).registrations.find((r) => r.rid === 2)?.drops.denied === 1);
+
+    // A mapping from a conntrack dump (after a restart): installed as is; return traffic finds it.
+    await call('addMappings', [{ rid: 2, protocol: 'udp', family: 4, clientAddress: CLIENT_B, clientPort: 5555, destinationAddress: ORIGIN, destinationPort: 9002, egressAddress: E, egressPort: 40005 }]);
+    const reserved = (await stats()).registrations.find((r) => r.rid === 2)!.reserved;
+    sh(['ip', 'netns', 'exec', origin, process.execPath, '-e',
+      `const s = require('node:dgram').createSocket('udp4'); s.bind(9002, '${ORIGIN}', () => s.send('adopted', 40005, '${E}', () => s.close()));`]);
+    const adopted = parseIpPacket(await reply2('return traffic of the adopted mapping', (b) => parseIpPacket(b)?.l4.subarray(8).toString() === 'adopted'))!;
+    t.equal(adopted.dst, CLIENT_B);
+    t.equal(adopted.l4.readUInt16BE(2), 5555, 'to the client port of the installed mapping');
+    t.ok(adopted.checksumsValid);
+    t.equal((await stats()).registrations.find((r) => r.rid === 2)!.reserved, reserved, 'nothing was reserved for it');
+    t.equal(await call('removeRegistration', 2), true, 'removed');
+    t.same(await call('mappings', 2), [], 'with its mappings');
+  });
+
   await t.test('pause stops the data path and returns the mappings; resume restarts it', async (t) => {
     const packetsOut = (await registrationStats()).packetsOut;
+    const expected = (await call<FishMappingRow[]>('mappings')).length;
     const rows = await call<FishMappingRow[]>('pause');
-    t.ok(rows.length >= 16, `${rows.length} mappings handed out`);
+    t.equal(rows.length, expected, `${rows.length} mappings handed out`);
     client.send(udpTo(9000, 5000, 'after resume'), []);
     // The packet is in the socket before the stats call reaches the pump thread: a paused pump leaves it there.
     t.equal((await registrationStats()).packetsOut, packetsOut, 'nothing read while paused');
