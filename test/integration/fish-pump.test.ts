@@ -269,11 +269,25 @@ t.test('the fish pump NATs a registration through a tun with conntrack reservati
     t.same(refusal.l4.subarray(8), request, 'it quotes the refused packet whole (it is short)');
     let s = await registrationStats();
     t.equal(s.collisions - before.collisions, 10, 'every port answered EEXIST');
-    t.equal(s.exhausted - before.exhausted, 1);
+    t.equal(s.exhausted - before.exhausted, 1, 'one refusal');
     const event = await until('the exhausted event', () =>
       events.find((e): e is Extract<FishEvent, { type: 'exhausted' }> => e.type === 'exhausted' && e.protocol === 'udp'),
     );
     t.match(event, { rid: 1, family: 4, clientAddress: CLIENT, clientPort: 6000, destinationAddress: ORIGIN, destinationPort: 9001, reason: 'slice', code: null });
+
+    // A burst of refusals: every client hears at once, JS hears at most every 100 ms, and no refusal goes uncounted.
+    for (let i = 0; i < 4; i++) client.send(udpTo(9001, 6010 + i, 'refused'), []);
+    for (let i = 0; i < 4; i++) {
+      await reply(`refusal ${i + 1} of the burst`, (b) => {
+        const p = parseIpPacket(b);
+        return p?.protocol === 1 && p.l4[0] === 3 && p.l4[1] === 13;
+      });
+    }
+    const refusals = () =>
+      events.filter((e): e is Extract<FishEvent, { type: 'exhausted' }> => e.type === 'exhausted' && e.destinationPort === 9001)
+        .reduce((total, e) => total + 1 + e.suppressed, 0);
+    await until('every refusal reported', () => refusals() === 5);
+    t.ok(events.filter((e) => e.type === 'exhausted' && e.destinationPort === 9001).length < 5, 'some folded into `suppressed`');
 
     // One port freed: the next flow gets exactly that one.
     inHost('conntrack', '-D', '-p', 'udp', '-s', '10.9.9.9', '--sport', String(5003), '-d', ORIGIN, '--dport', '9001');
