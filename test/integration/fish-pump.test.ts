@@ -482,6 +482,36 @@ t.test('the fish pump NATs a registration through a tun with conntrack reservati
     t.same(await call('mappings', 2), [], 'with its mappings');
   });
 
+  await t.test('on the wire: fresh IPv4 IDs for DF=0 packets, clamped MSS in SYNs (IPv6: 20 less)', async (t) => {
+    const dump = spawn('ip', ['netns', 'exec', origin, 'tcpdump', '-i', 'o-h', '-n', '-vv', '-l', '-c', '2',
+      `(src host ${E} and udp dst port 9000) or (src host ${E6} and tcp dst port 7)`], { stdio: ['ignore', 'pipe', 'pipe'] });
+    started.push(dump);
+    let seen = '';
+    dump.stdout!.on('data', (chunk: Buffer) => (seen += chunk.toString()));
+    dump.stderr!.on('data', (chunk: Buffer) => (seen += chunk.toString()));
+    await until('tcpdump to listen', () => seen.includes('listening on'));
+
+    const datagram = udpTo(9000, 5000, 'no DF');
+    datagram.writeUInt16BE(0xbeef, 4);
+    datagram.writeUInt16BE(0, 6); // DF=0: may be fragmented on the way
+    datagram.writeUInt16BE(0, 10);
+    let total = 0;
+    for (let i = 0; i < 20; i += 2) total += datagram.readUInt16BE(i);
+    while (total > 0xffff) total = (total & 0xffff) + (total >>> 16);
+    datagram.writeUInt16BE(~total & 0xffff, 10);
+    client.send(datagram, []);
+    await reply('the echo of the DF=0 datagram', isUdpReply(5000, 'no DF'));
+    client.send(tcpPacket({ src: CLIENT6, dst: ORIGIN6, sport: 7200, dport: 7, seq: 1, flags: SYN, options: mssOption(1440) }), []);
+    // `-c 2`: tcpdump exits once it has printed both.
+    await until('tcpdump to see both packets', () => dump.exitCode !== null, 5000);
+    const id = /id (\d+),.*proto UDP/.exec(seen);
+    t.ok(id, `tcpdump shows the datagram: ${seen}`);
+    t.not(Number(id?.[1]), 0xbeef, `the IPv4 ID was replaced (${id?.[1]})`);
+    t.match(seen, /udp sum ok/, 'the UDP checksum verifies on the wire');
+    t.notMatch(seen, /bad cksum|incorrect/, 'so do the others');
+    t.match(seen, new RegExp(`${escape(E6)}\\.\\d+ > ${escape(ORIGIN6)}\\.7: .*mss ${MSS_CLAMP - 20}`), `the IPv6 SYN left with MSS ${MSS_CLAMP - 20}`);
+  });
+
   await t.test('pause stops the data path and returns the mappings; resume restarts it', async (t) => {
     const packetsOut = (await registrationStats()).packetsOut;
     const expected = (await call<FishMappingRow[]>('mappings')).length;
