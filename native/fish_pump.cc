@@ -18,6 +18,17 @@
 //
 // Ownership: the pump borrows the tun and every registration's socket and never closes them (JS owns every fd
 // it knows of); it owns its epoll fd and its ctnetlink socket.
+//
+// Drop counters (stable names, for metrics):
+//   per registration  the parse verdicts of ip_packet.h (truncated, badVersion, badHeader, fragment, protocol,
+//                     badChecksum, icmpError, extensionHeader); family (no egress address of that family);
+//                     denied (protocol not allowed; the client is refused); noMapping (a TCP segment other than
+//                     a SYN for no mapping); exhausted (a new flow refused: also counted in `exhausted`);
+//                     remapped / revalidateFailed (revalidation moved a flow / got no usable answer);
+//                     conntrackTimeout / conntrackOverrun (the ctnetlink socket); tunFull / tunError (write);
+//                     full / sendError (the registration's socket refused a reply or a refusal).
+//   returnDrops       the parse verdicts, unmapped (no mapping for the tuple), noRegistration (a mapping
+//                     installed by addMappings whose registration is not there).
 #include "fish_pump.h"
 
 #include <arpa/inet.h>
