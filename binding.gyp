@@ -11,6 +11,7 @@
             "native/constants.cc",
             "native/errors.cc",
             "native/fd.cc",
+            "native/fish_pump.cc",
             "native/memfd.cc",
             "native/netlink.cc",
             "native/netns.cc",

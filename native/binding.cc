@@ -9,6 +9,7 @@
 #include "constants.h"
 #include "errors.h"
 #include "fd.h"
+#include "fish_pump.h"
 #include "memfd.h"
 #include "netlink.h"
 #include "netns.h"
@@ -37,6 +38,7 @@ Fdferry::Fdferry(Napi::Env env, Napi::Object exports) : receive_buffer_(new char
   InitTun(env, exports);
   InitUpgradePump(env, exports, *this);
   InitOnRamp(env, exports, *this);
+  InitFishPump(env, exports, *this);
   exports.Set("constants", MakeConstants(env));
   DefineAddon(exports, {});
 

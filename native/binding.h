@@ -64,6 +64,7 @@ class Fdferry : public Napi::Addon<Fdferry> {
   Napi::FunctionReference spliceEngineClass;
   Napi::FunctionReference upgradePumpClass;
   Napi::FunctionReference onRampClass;
+  Napi::FunctionReference fishPumpClass;
 
  private:
   static void OnTeardown(napi_async_cleanup_hook_handle handle, void* arg);

@@ -1,12 +1,12 @@
-// libFuzzer target for native/packet.h: the parser and the NAT rewrite Bumblebee's pump applies to packets that
-// come from other processes (hostile until parsed).
+// libFuzzer target for native/packet.h, native/ip_packet.h and native/ctnetlink.h: the parsers and the NAT
+// rewrites Bumblebee's and Fish's pumps apply to packets that come from other processes (hostile until parsed).
 //
 // Build and run (native/fuzz/build.sh has the flags; test/integration/packet-fuzz.test.ts does both):
 //   native/fuzz/build.sh /tmp/packet_fuzzer
 //   /tmp/packet_fuzzer -max_len=4096 test/fuzz/packet-corpus          # fuzz (add a scratch dir first to keep finds)
 //   /tmp/packet_fuzzer test/fuzz/packet-crashes/crash-...               # replay one input
 //
-// Each input is used twice:
+// Each input is used three times:
 //  1. As a packet, exactly as a flow socket or the tun delivers it. ParseTcp must stay inside it (the copy has
 //     exactly the input's size, so ASan sees any read past it) and agree with itself with and without checksum
 //     verification. A parsed packet then goes through the pump's NAT both ways plus ClampMss, with addresses,
@@ -15,6 +15,11 @@
 //  2. As a recipe for a SYN with valid checksums whose TCP options are the fuzzer's bytes, with NOPs in front
 //     to put the MSS option at odd and even offsets. This checks the option walk and the checksum window on
 //     packets that verify, which random mutation of a real packet rarely keeps.
+//  3. As a Fish packet (native/ip_packet.h), both directions, with and without verification: the NAT rewrites
+//     (egress source, return destination, the ICMP error translation, a fresh IPv4 ID) keep a verifying packet
+//     verifying and the IPv4 header residue unchanged, and the replies Fish builds (admin-prohibited, RST) parse
+//     back with valid checksums. The ctnetlink encoder (native/ctnetlink.h) gets the parsed tuple, and its answer
+//     reader gets the raw input.
 //
 // The property that matters: the incremental checksum updates (RFC 1624) give exactly what a full recomputation
 // gives, so a packet that verified before the rewrite verifies after it, and rewriting back restores it. Any
@@ -26,6 +31,8 @@
 #include <memory>
 #include <vector>
 
+#include "ctnetlink.h"
+#include "ip_packet.h"
 #include "packet.h"
 
 namespace {
@@ -465,10 +472,142 @@ void FuzzSyn(const uint8_t* input, size_t size) {
   Nat(exact.get(), exact.size, knobs, true);
 }
 
+// ---- 3. The input as a Fish packet ------------------------------------------------------------------------------
+
+namespace fip = fdferry::ip;
+namespace fct = fdferry::ctnetlink;
+
+bool Verifies(const fip::Packet& p) {
+  if (p.family == 4 && pk::Fold(pk::SumBytes(p.ip, p.ip_header)) != 0xffff) return false;
+  return fip::L4ChecksumValid(p);
+}
+
+// The IPv4 header's residue: an incremental update must keep it whatever it was.
+uint16_t HeaderResidue(const fip::Packet& p) { return p.family == 4 ? pk::Fold(pk::SumBytes(p.ip, p.ip_header)) : 0; }
+
+void CheckFishShape(const fip::Packet& p, const uint8_t* data, size_t size) {
+  FUZZ_CHECK(p.ip == data && p.length <= size && p.ip_header <= p.length);
+  FUZZ_CHECK(p.l4 == data + p.ip_header && p.ip_header + p.l4_length == p.length);
+  FUZZ_CHECK(p.l4_length >= 8);
+  if (p.kind == fip::Kind::kTcp) FUZZ_CHECK(p.tcp_header >= 20 && p.tcp_header <= p.l4_length);
+  if (p.kind == fip::Kind::kIcmpError) {
+    FUZZ_CHECK(p.inner.ip == p.l4 + 8 && p.inner.ip + p.inner.available == data + p.length);
+    FUZZ_CHECK(p.inner.l4 + p.inner.l4_available == data + p.length && p.inner.l4_available >= 8);
+  }
+}
+
+// A built reply: parses (as the client's stack would get it) with valid checksums and the expected shape.
+void CheckReply(const fip::Packet& original, const uint8_t* reply, size_t length, bool rst) {
+  FUZZ_CHECK(length <= fip::kMaxReply);
+  Exact exact(reply, length);
+  fip::Packet parsed;
+  fip::Verdict verdict = fip::Parse(exact.get(), length, fip::Direction::kReturn, true, &parsed);
+  if (rst) {
+    FUZZ_CHECK(verdict == fip::Verdict::kOk && parsed.kind == fip::Kind::kTcp);
+    FUZZ_CHECK(parsed.tcp_flags() == (pk::kTcpRst | pk::kTcpAck));
+    FUZZ_CHECK(parsed.sport() == original.dport() && parsed.dport() == original.sport());
+  } else {
+    FUZZ_CHECK(length <= (original.family == 4 ? fip::kMaxIcmp4Error : fip::kMaxIcmp6Error));
+    // The quote is the client's packet, which may be one the return parser refuses (an echo request quoted as an
+    // error is fine; anything else the inner parse accepts too): the outer checksums always verify.
+    FUZZ_CHECK(verdict == fip::Verdict::kOk || verdict == fip::Verdict::kProtocol || verdict == fip::Verdict::kTruncated ||
+               verdict == fip::Verdict::kFragment || verdict == fip::Verdict::kExtensionHeader || verdict == fip::Verdict::kBadHeader);
+    fip::Packet unverified;
+    fip::Verdict plain = fip::Parse(exact.get(), length, fip::Direction::kReturn, false, &unverified);
+    FUZZ_CHECK(plain == verdict);
+    uint64_t sum = pk::SumBytes(exact.get() + (original.family == 4 ? 20 : 40), length - (original.family == 4 ? 20 : 40));
+    if (original.family == 6) sum += fip::PseudoSum(exact.get() + 8, exact.get() + 24, 16, fip::kProtoIcmp6, length - 40);
+    FUZZ_CHECK(pk::Fold(sum) == 0xffff);
+    if (original.family == 4) FUZZ_CHECK(pk::Fold(pk::SumBytes(exact.get(), 20)) == 0xffff);
+  }
+  FUZZ_CHECK(std::memcmp(exact.get() + (original.family == 4 ? 16 : 24), original.src(), original.address_size()) == 0);
+}
+
+void FuzzFish(const uint8_t* input, size_t size) {
+  for (fip::Direction direction : {fip::Direction::kEgress, fip::Direction::kReturn}) {
+    Exact plain(input, size), verified(input, size);
+    fip::Packet p, v;
+    fip::Verdict plain_verdict = fip::Parse(plain.get(), size, direction, false, &p);
+    fip::Verdict verified_verdict = fip::Parse(verified.get(), size, direction, true, &v);
+    FUZZ_CHECK(size == 0 || (std::memcmp(plain.get(), input, size) == 0 && std::memcmp(verified.get(), input, size) == 0));
+    FUZZ_CHECK(std::strcmp(fip::VerdictName(plain_verdict), "unknown") != 0);
+    FUZZ_CHECK(std::strcmp(fip::VerdictName(verified_verdict), "unknown") != 0);
+    if (verified_verdict == fip::Verdict::kOk) FUZZ_CHECK(plain_verdict == fip::Verdict::kOk);
+    if (plain_verdict != fip::Verdict::kOk) continue;
+    CheckFishShape(p, plain.get(), size);
+    bool verifies = Verifies(p);
+    FUZZ_CHECK(verifies == (verified_verdict == fip::Verdict::kOk) || verified_verdict != fip::Verdict::kBadChecksum || !verifies);
+    if (verified_verdict == fip::Verdict::kOk) FUZZ_CHECK(verifies);
+
+    Knobs knobs(input + p.length, size - p.length, Fnv(input, size) ^ static_cast<uint64_t>(direction));
+    uint8_t address[16];
+    knobs.Fill(address, 16);
+    uint16_t port = knobs.Word();
+    uint16_t header_residue = HeaderResidue(p);
+    std::vector<uint8_t> before(p.ip, p.ip + p.length);
+
+    if (direction == fip::Direction::kEgress) {
+      // The replies are built from the client's packet as it came.
+      uint8_t reply[fip::kMaxReply];
+      CheckReply(p, reply, fip::BuildAdminProhibited(p, reply), false);
+      if (p.kind == fip::Kind::kTcp) CheckReply(p, reply, fip::BuildRst(p, reply), true);
+
+      fct::Tuple tuple;
+      tuple.family = p.family;
+      tuple.protocol = fip::FlowProtocol(p);
+      std::memcpy(tuple.src, address, 16);
+      std::memcpy(tuple.dst, p.dst(), p.address_size());
+      tuple.sport = port;
+      tuple.dport = p.dport();
+      fct::Reservation reservation;
+      reservation.orig = tuple;
+      std::memcpy(reservation.client, p.src(), p.address_size());
+      uint8_t message[fct::kMaxMessage];
+      size_t length = fct::BuildReservation(message, 1, reservation);
+      uint32_t header_length;
+      std::memcpy(&header_length, message, 4);
+      FUZZ_CHECK(length == header_length && length <= fct::kMaxMessage && length % 4 == 0);
+      length = fct::BuildGet(message, 2, tuple);
+      FUZZ_CHECK(length <= fct::kMaxMessage && length % 4 == 0);
+
+      fip::RewriteSource(p, address, port);
+      FUZZ_CHECK(std::memcmp(p.src(), address, p.address_size()) == 0);
+      FUZZ_CHECK(p.sport() == (p.kind == fip::Kind::kTcp || p.kind == fip::Kind::kUdp || p.kind == fip::Kind::kEchoRequest ? port : 0));
+      if (p.fragmentable()) fip::SetIpv4Id(p, knobs.Word());
+    } else if (p.kind == fip::Kind::kIcmpError) {
+      bool inner_header_verified = p.family == 4 && pk::Fold(pk::SumBytes(p.inner.ip, p.inner.ip_header)) == 0xffff;
+      fip::RewriteIcmpErrorReturn(p, address, port);
+      FUZZ_CHECK(std::memcmp(p.dst(), address, p.address_size()) == 0);
+      FUZZ_CHECK(std::memcmp(fip::InnerSrc(p), address, p.address_size()) == 0 && fip::InnerSport(p) == port);
+      // The outer ICMP checksum is summed afresh: it always verifies now.
+      FUZZ_CHECK(fip::L4ChecksumValid(p));
+      if (inner_header_verified) FUZZ_CHECK(pk::Fold(pk::SumBytes(p.inner.ip, p.inner.ip_header)) == 0xffff);
+    } else {
+      fip::RewriteDestination(p, address, port);
+      FUZZ_CHECK(std::memcmp(p.dst(), address, p.address_size()) == 0);
+      FUZZ_CHECK(p.dport() == (p.kind == fip::Kind::kTcp || p.kind == fip::Kind::kUdp || p.kind == fip::Kind::kEchoReply ? port : 0));
+    }
+    // Incremental updates keep the IPv4 header residue, and a verifying packet verifies.
+    FUZZ_CHECK(HeaderResidue(p) == header_residue);
+    if (verifies) FUZZ_CHECK(Verifies(p));
+    // Still the same packet to the parser.
+    fip::Packet again;
+    FUZZ_CHECK(fip::Parse(plain.get(), size, direction, false, &again) == fip::Verdict::kOk);
+    FUZZ_CHECK(again.kind == p.kind && again.length == p.length && again.l4_length == p.l4_length);
+    FUZZ_CHECK(std::memcmp(plain.get() + p.length, input + p.length, size - p.length) == 0);
+  }
+
+  // The answer reader on arbitrary bytes: it must stay inside them.
+  Exact raw(input, size);
+  fct::Answer answer;
+  fct::ReadAnswer(raw.get(), size, size >= 12 ? static_cast<uint32_t>(input[8]) : 0, &answer);
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FuzzPacket(data, size);
   FuzzSyn(data, size);
+  FuzzFish(data, size);
   return 0;
 }

@@ -7,7 +7,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { ACK, FIN, PSH, RST, SYN, mssOption, tcpPacket, udpPacket, type SegmentSpec } from '../helpers/packets.js';
+import { ACK, FIN, PSH, RST, SYN, icmpEchoPacket, icmpErrorPacket, mssOption, tcpPacket, udpPacket, type SegmentSpec } from '../helpers/packets.js';
 
 const out = path.join(path.dirname(fileURLToPath(import.meta.url)), 'packet-corpus');
 
@@ -153,6 +153,34 @@ files['frag-v4-last'] = client(v4, { flags: PSH | ACK, ack: 1, payload: request,
   packet[6] = 0;
   packet.writeUInt16BE(packet.length - 40, 4);
   files['ext-v6-hop-by-hop'] = packet;
+}
+
+// Fish's packets (native/ip_packet.h): ICMP echo both ways, and ICMP errors quoting what Fish sent from its egress
+// address (UDP with a checksum, UDP without, TCP, an echo request), truncated as routers quote.
+{
+  const egress4 = { src: '203.0.113.7', dst: '198.51.100.2' };
+  const egress6 = { src: '2001:db8:e::7', dst: '2001:db8:1::2' };
+  files['icmp-v4-echo'] = icmpEchoPacket({ ...v4, id: 0x1234, seq: 1, payload: Buffer.from('abcdefghijklmnopqrstuvwabcdefghi') });
+  files['icmp-v4-echo-reply'] = icmpEchoPacket({ ...v4, id: 40001, seq: 1, payload: Buffer.from('abcdefgh'), reply: true });
+  files['icmp-v6-echo'] = icmpEchoPacket({ ...v6, id: 0x1234, seq: 7, payload: Buffer.alloc(13, 0x5a) });
+  files['icmp-v6-echo-reply'] = icmpEchoPacket({ ...v6, id: 40001, seq: 7, reply: true });
+  const udp4 = udpPacket({ ...egress4, sport: 40003, dport: 9000, payload: Buffer.from('hello there') });
+  const tcp4 = tcpPacket({ ...egress4, sport: 40004, dport: 7, seq: 99, flags: PSH | ACK, ack: 5, payload: request });
+  const echo4 = icmpEchoPacket({ ...egress4, id: 40005, seq: 3, payload: Buffer.from('ping') });
+  const udp4NoSum = Buffer.from(udp4);
+  udp4NoSum.writeUInt16BE(0, 26);
+  const router4 = '198.51.100.1';
+  files['icmp-v4-port-unreachable'] = icmpErrorPacket({ src: egress4.dst, dst: egress4.src, type: 3, code: 3, quote: udp4 });
+  files['icmp-v4-port-unreachable-nosum'] = icmpErrorPacket({ src: egress4.dst, dst: egress4.src, type: 3, code: 3, quote: udp4NoSum });
+  files['icmp-v4-frag-needed-tcp28'] = icmpErrorPacket({ src: router4, dst: egress4.src, type: 3, code: 4, rest: 1280, quote: tcp4.subarray(0, 28) });
+  files['icmp-v4-frag-needed-tcp'] = icmpErrorPacket({ src: router4, dst: egress4.src, type: 3, code: 4, rest: 1280, quote: tcp4.subarray(0, 548 - 28) });
+  files['icmp-v4-time-exceeded-echo'] = icmpErrorPacket({ src: router4, dst: egress4.src, type: 11, code: 0, quote: echo4 });
+  const udp6 = udpPacket({ ...egress6, sport: 40003, dport: 9000, payload: Buffer.from('hello six') });
+  const tcp6 = tcpPacket({ ...egress6, sport: 40004, dport: 7, seq: 99, flags: PSH | ACK, ack: 5, payload: request });
+  const echo6 = icmpEchoPacket({ ...egress6, id: 40005, seq: 3 });
+  files['icmp-v6-port-unreachable'] = icmpErrorPacket({ src: egress6.dst, dst: egress6.src, type: 1, code: 4, quote: udp6 });
+  files['icmp-v6-packet-too-big'] = icmpErrorPacket({ src: '2001:db8:1::1', dst: egress6.src, type: 2, code: 0, rest: 1280, quote: tcp6 });
+  files['icmp-v6-time-exceeded-echo'] = icmpErrorPacket({ src: '2001:db8:1::1', dst: egress6.src, type: 3, code: 0, quote: echo6 });
 }
 
 fs.rmSync(out, { recursive: true, force: true });

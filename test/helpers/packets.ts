@@ -225,7 +225,7 @@ export const ICMP6_ECHO_REPLY = 129;
  * A complete ICMP (IPv4) or ICMPv6 echo request or reply. ICMPv6's checksum covers a pseudo-header
  * (RFC 4443 §2.3), ICMPv4's only the message (RFC 792).
  */
-export function icmpEchoPacket(spec: { src: string; dst: string; reply: boolean; id: number; seq: number; payload?: Buffer }): Buffer {
+export function icmpEchoPacket(spec: { src: string; dst: string; reply?: boolean; id: number; seq: number; payload?: Buffer }): Buffer {
   const src = addressBytes(spec.src);
   const dst = addressBytes(spec.dst);
   const v4 = src.length === 4;
@@ -256,6 +256,10 @@ export interface ParsedIpPacket {
   seq: number;
   /** The transport payload (after the TCP/UDP/ICMP header). */
   payload: Buffer;
+  /** The IPv4 identification (0 for IPv6). */
+  id: number;
+  /** The L4 message (TCP segment, UDP datagram, ICMP message), as far as the IP length says. */
+  l4: Buffer;
   /** IPv4 header and transport checksums verify (UDP checksum 0 over IPv4 counts as valid). */
   checksumsValid: boolean;
 }
@@ -287,7 +291,7 @@ export function parseIpPacket(packet: Buffer): ParsedIpPacket | null {
   if (total > packet.length || total < headerLength) return null;
   const l4 = packet.subarray(headerLength, total);
   const ipValid = family === 6 || sum(packet.subarray(0, headerLength)) === 0xffff;
-  const base = { family: family as 4 | 6, protocol, src: addressString(src), dst: addressString(dst) };
+  const base = { family: family as 4 | 6, protocol, src: addressString(src), dst: addressString(dst), id: family === 4 ? packet.readUInt16BE(4) : 0, l4 };
   if (protocol === 6) {
     const tcp = parseTcpPacket(packet);
     if (!tcp) return null;
@@ -308,4 +312,23 @@ export function parseIpPacket(packet: Buffer): ParsedIpPacket | null {
     return { ...base, sport: id, dport: id, kind: type, seq: echo ? l4.readUInt16BE(6) : 0, payload: Buffer.from(l4.subarray(8)), checksumsValid: ipValid && l4Valid };
   }
   return null;
+}
+
+/**
+ * An ICMP (IPv4) or ICMPv6 error from `src` to `dst` quoting `quote` (the offending packet, as far as the
+ * router quoted it). `rest` is the 4 bytes after the checksum (the next-hop MTU of frag-needed, the MTU of a
+ * packet-too-big, 0 otherwise).
+ */
+export function icmpErrorPacket(spec: { src: string; dst: string; type: number; code: number; quote: Buffer; rest?: number }): Buffer {
+  const src = addressBytes(spec.src);
+  const dst = addressBytes(spec.dst);
+  const v4 = src.length === 4;
+  const icmp = Buffer.alloc(8 + spec.quote.length);
+  icmp[0] = spec.type;
+  icmp[1] = spec.code;
+  icmp.writeUInt32BE((spec.rest ?? 0) >>> 0, 4);
+  spec.quote.copy(icmp, 8);
+  const covered = v4 ? [icmp] : [pseudoHeader(src, dst, 58, icmp.length), icmp];
+  icmp.writeUInt16BE(~sum(...covered) & 0xffff, 2);
+  return Buffer.concat([ipHeader(v4 ? 4 : 6, v4 ? 1 : 58, src, dst, icmp.length), icmp]);
 }
