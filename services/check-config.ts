@@ -12,6 +12,7 @@ import yargs, { type Argv, type CommandModule } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import type { CommonDaemonOptions } from '../lib/daemon.js';
 import { bumblebeeOptions, bumblebeeOptionsFrom } from './bumblebee/command.js';
+import { fishHostSettingsFrom, fishOptions, fishOptionsFrom } from './fish/command.js';
 import { commonOptionsFrom, defaultConfigPath } from './common-options.js';
 import { splicerOptions, splicerOptionsFrom } from './splicer/command.js';
 import { SERVICES } from './up.js';
@@ -46,6 +47,13 @@ const DAEMONS: Record<(typeof SERVICES)[number], DaemonConfigSpec> = {
   bumblebee: {
     builder: (y) => bumblebeeOptions(y) as unknown as Argv<Parsed>,
     convert: (argv) => ({ common: commonOptionsFrom(argv as never), options: bumblebeeOptionsFrom(argv as never) }),
+  },
+  fish: {
+    builder: (y) => fishOptions(y) as unknown as Argv<Parsed>,
+    convert: (argv) => {
+      fishHostSettingsFrom(argv as never);
+      return { common: commonOptionsFrom(argv as never), options: fishOptionsFrom(argv as never) };
+    },
   },
 };
 

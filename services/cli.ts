@@ -101,9 +101,10 @@ await yargs(hideBin(process.argv))
     (y) =>
       y
         .option('run-dir', { type: 'string', default: '/run/fdferry', describe: 'where the daemons put their sockets' })
-        .option('log-level', { type: 'string', default: 'info', describe: 'log level of every daemon' }),
+        .option('log-level', { type: 'string', default: 'info', describe: 'log level of every daemon' })
+        .option('fish-netns', { choices: ['own', 'host'] as const, default: 'own' as const, describe: 'where Fish runs: a network namespace made for it (and removed after), or this host\'s (it then installs its tun, rules and nftables table here)' }),
     async (argv) => {
-      process.exitCode = await runUp({ runDir: argv.runDir, logLevel: argv.logLevel }).catch(fail);
+      process.exitCode = await runUp({ runDir: argv.runDir, logLevel: argv.logLevel, fishNetns: argv.fishNetns }).catch(fail);
     },
   )
   .command(checkConfigCommand)

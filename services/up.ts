@@ -1,13 +1,15 @@
 /**
  * `fdferry up`: runs every daemon that exists so far in the foreground, with their logs on stdout;
  * Ctrl-C (or SIGTERM) stops them all cleanly. It is how `npm start` tries fdferry without installing
- * anything: it configures nothing in the machine's network.
+ * anything: it configures nothing in the machine's network. Splicer and Bumblebee touch nothing there, and
+ * Fish, which does configure the network it runs in (a tun, rules, an nftables table), runs inside a
+ * network namespace made for it and removed afterwards, unless `--fish-netns host` asks for the host's.
  *
  * A daemon reloads by handing over to a successor that is deliberately not our child (see
  * lib/handoff/spawn.ts), so `up` follows each daemon by the pid its socket reports, not by the process it
  * started: a generation that exits 0 after a hand-over is not a failure.
  */
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { loadNative } from '../lib/native.js';
@@ -15,12 +17,41 @@ import { isRunning } from '../lib/process.js';
 import { RpcClient } from '../lib/rpc/client.js';
 
 /** The daemons that exist so far, in start order. */
-export const SERVICES = ['splicer', 'bumblebee'] as const;
+export const SERVICES = ['splicer', 'bumblebee', 'fish'] as const;
 
 /** Options of {@link runUp}. */
 export interface UpOptions {
   runDir: string;
   logLevel: string;
+  /** `own` (default): Fish runs in a network namespace made for it; `host`: in this one. */
+  fishNetns?: 'own' | 'host';
+}
+
+/**
+ * Makes the namespace Fish runs in under `up`: loopback up and forwarding on, inside it only. Returns a
+ * function that removes it (and with it Fish's tun, rules, table and conntrack entries).
+ */
+function fishNamespace(): { name: string; remove: () => void } {
+  const name = `fdferry-up-${process.pid}`;
+  const ip = (...args: string[]) => execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  ip('netns', 'add', name);
+  try {
+    ip('-n', name, 'link', 'set', 'lo', 'up');
+    execFileSync('ip', ['netns', 'exec', name, 'sysctl', '-qw', 'net.ipv4.ip_forward=1', 'net.ipv6.conf.all.forwarding=1'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  } catch (error) {
+    ip('netns', 'del', name);
+    throw error;
+  }
+  return {
+    name,
+    remove: () => {
+      try {
+        ip('netns', 'del', name);
+      } catch (error) {
+        console.error(`fdferry up: could not remove the network namespace ${name}: ${(error as Error).message}`);
+      }
+    },
+  };
 }
 
 /** Asks a daemon for its pid (the live generation's), or null if it does not answer. */
@@ -45,6 +76,7 @@ export function runUp(options: UpOptions): Promise<number> {
   let stopping = false;
   let exitCode = 0;
 
+  const namespace = options.fishNetns === 'host' ? null : fishNamespace();
   return new Promise<number>((resolve) => {
     // A generation that is gone may have handed over: the socket names its successor.
     const follow = (service: string, gone: number) => {
@@ -74,6 +106,7 @@ export function runUp(options: UpOptions): Promise<number> {
       clearInterval(watch);
       process.off('SIGINT', onSignal);
       process.off('SIGTERM', onSignal);
+      namespace?.remove();
       resolve(exitCode);
     };
     const stopAll = (reason: string) => {
@@ -103,8 +136,10 @@ export function runUp(options: UpOptions): Promise<number> {
       const socket = path.join(options.runDir, `${service}.sock`);
       sockets.set(service, socket);
       const args = [cli, service, '--socket', socket, '--log-level', options.logLevel];
+      // `ip netns exec` execs the daemon: the pid we follow is still the daemon's own.
+      const [command, commandArgs] = service === 'fish' && namespace ? ['ip', ['netns', 'exec', namespace.name, process.execPath, ...args]] : [process.execPath, args];
       // A foreground Ctrl-C reaches the whole process group; the daemons get their SIGTERM from us instead.
-      const child = spawn(process.execPath, args, { stdio: ['ignore', 'inherit', 'inherit'], detached: true });
+      const child = spawn(command as string, commandArgs as string[], { stdio: ['ignore', 'inherit', 'inherit'], detached: true });
       pids.set(service, child.pid!);
       child.on('exit', (code, signal) => {
         if (pids.get(service) !== child.pid) return;
@@ -119,6 +154,7 @@ export function runUp(options: UpOptions): Promise<number> {
         lost(service, signal ?? `code ${code}`);
       });
     }
-    console.error(`fdferry up: started ${SERVICES.join(', ')} with sockets in ${options.runDir}; Ctrl-C stops them`);
+    const where = namespace ? ` (fish in the network namespace ${namespace.name})` : '';
+    console.error(`fdferry up: started ${SERVICES.join(', ')} with sockets in ${options.runDir}${where}; Ctrl-C stops them`);
   });
 }

@@ -8,6 +8,7 @@
  */
 import type { CommonDaemonOptions } from '../../lib/daemon.js';
 import type { BumblebeeOptions } from '../bumblebee/service.js';
+import type { FishOptions } from '../fish/service.js';
 import type { SplicerOptions } from '../splicer/service.js';
 
 /** A unit setting with the reason it is there (rendered as a comment above it). */
@@ -96,8 +97,34 @@ const bumblebee: DaemonProfile<BumblebeeOptions> = {
   }),
 };
 
+const fish: DaemonProfile<FishOptions> = {
+  description: 'fdferry Fish: forwards clients\' packets from slices of shared egress addresses, every tuple reserved in conntrack',
+  doc: 'fish.md',
+  capabilities: [
+    {
+      value: 'CAP_NET_ADMIN',
+      why: 'its persistent tun (TUNSETIFF, TUNSETPERSIST), routes and policy rules (rtnetlink), conntrack reservations and flushes (ctnetlink), the nftables table (nft)',
+    },
+  ],
+  addressFamilies: [
+    UNIX,
+    { value: 'AF_NETLINK', why: 'rtnetlink (link, routes, rules), ctnetlink (reservations, flushes, dumps), and nft\'s nfnetlink' },
+    { value: 'AF_INET AF_INET6', why: 'only a loopback metrics listener would create one; client packets arrive on handed-in sockets' },
+  ],
+  namespaces: { value: 'yes', why: 'Fish creates no namespace: it acts in the host\'s' },
+  devices: { private: false, allow: [{ value: '/dev/net/tun rw', why: 'the persistent tun fish0' }] },
+  // A crashed Fish recovers from its persistent tun and conntrack itself (docs/fish.md), not the fd store.
+  startArgs: [],
+  writesKernelTunables: null,
+  sizing: (common, options) => ({
+    shutdownGraceMs: 0,
+    // As services/fish/service.ts counts it: 1 fd per registration, the tun, two netlink sockets, plus connections.
+    fds: options.policy.maxRegistrations + common.maxConnections + 256,
+  }),
+};
+
 /** Every daemon's profile, by service name. */
-export const PROFILES: Readonly<Record<string, DaemonProfile<never>>> = { splicer, bumblebee } as Record<string, DaemonProfile<never>>;
+export const PROFILES: Readonly<Record<string, DaemonProfile<never>>> = { splicer, bumblebee, fish } as Record<string, DaemonProfile<never>>;
 
 /** The profile of `service`, or an error naming the known ones. */
 export function profileOf(service: string): DaemonProfile<never> {
