@@ -210,15 +210,15 @@ export class FishService implements Service {
       },
       {
         name: 'fdferry_fish_drops_total',
-        help: 'Packets dropped, by direction and reason',
+        help: 'Packets dropped, by where they were counted (a registration: its client packets and the replies its socket refused; the tun: replies that matched nothing or could not be parsed) and reason',
         type: 'counter',
-        labelNames: ['direction', 'reason'],
+        labelNames: ['counted_at', 'reason'],
         read: () => {
           const totals = new Map<string, number>();
           for (const row of stats().registrations) for (const [reason, count] of Object.entries(row.drops)) totals.set(reason, (totals.get(reason) ?? 0) + count);
           return [
-            ...[...totals].map(([reason, count]): Sample => [{ direction: 'egress', reason }, count]),
-            ...Object.entries(stats().returnDrops).map(([reason, count]): Sample => [{ direction: 'return', reason }, count]),
+            ...[...totals].map(([reason, count]): Sample => [{ counted_at: 'registration', reason }, count]),
+            ...Object.entries(stats().returnDrops).map(([reason, count]): Sample => [{ counted_at: 'tun', reason }, count]),
           ];
         },
       },
