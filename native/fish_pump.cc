@@ -11,7 +11,8 @@
 //           -> source rewritten to E:eport (fresh IPv4 ID when DF=0, MSS clamp on SYN) -> write(tun).
 //   return  read(tun) -> parse -> reverse mapping (proto, family, E, eport, remote, rport), for an ICMP error
 //           by the tuple it quotes -> destination rewritten to the client (MSS clamp on SYN-ACK) -> send() on
-//           the registration's socket, dropped when that socket is full (the client's stack retransmits).
+//           the registration's socket (sendmmsg per run of one registration's packets), dropped when that
+//           socket is full (the client's stack retransmits).
 // Reservations are made synchronously on this thread: a ctnetlink round trip is microseconds, and a new flow's
 // first packet must not reach the kernel before its tuple is reserved (notes §8: without it host NAT or a
 // clash at confirm breaks the flow). No lock is taken on the data path: JS calls run here through CommandQueue.
@@ -267,7 +268,7 @@ struct CommandError {
 class PumpThread {
  public:
   PumpThread(std::shared_ptr<Shared> shared, Settings settings)
-      : shared_(std::move(shared)), settings_(settings), buffer_(new uint8_t[kPacketBuffer]),
+      : shared_(std::move(shared)), settings_(settings),
         batch_(new uint8_t[kMmsg * kPacketBuffer]) {
     epoll_fd_.reset(epoll_create1(EPOLL_CLOEXEC));
     if (!epoll_fd_.valid()) throw std::system_error(errno, std::generic_category(), "epoll_create1");
@@ -833,33 +834,55 @@ class PumpThread {
 
   // --- return ---
 
+  // A return packet rewritten and waiting in batch_ for its sendmmsg.
+  struct Outgoing {
+    Registration* registration;
+    Mapping* mapping;
+    size_t length;
+  };
+
+  // Reads up to kMmsg packets from the tun (a tun has no batch read: one read each) into the batch buffers,
+  // rewrites them, and sends each run of consecutive packets for one registration with a single sendmmsg.
   void OnTunReadable() {
-    for (int i = 0; i < kBatch * 4; i++) {
-      ssize_t got = read(settings_.tun_fd, buffer_.get(), kPacketBuffer);
-      if (got < 0) {
-        if (errno == EINTR) continue;
-        if (errno == EAGAIN) return;
-        int err = errno;
-        // The tun is unusable (detached, EBADFD): stop polling it rather than spin, and say so.
-        epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, settings_.tun_fd, nullptr);
-        tun_watched_ = false;
-        Notice(0, "EFDFERRY_TUN", std::string("reading the tun failed: ") + std::strerror(err));
-        return;
+    for (int round = 0; round < (kBatch * 4) / kMmsg; round++) {
+      int count = 0;
+      bool drained = false;
+      while (count < kMmsg) {
+        uint8_t* slot = batch_.get() + static_cast<size_t>(count) * kPacketBuffer;
+        ssize_t got = read(settings_.tun_fd, slot, kPacketBuffer);
+        if (got < 0) {
+          if (errno == EINTR) continue;
+          drained = true;
+          if (errno == EAGAIN) break;
+          int err = errno;
+          // The tun is unusable (detached, EBADFD): stop polling it rather than spin, and say so.
+          epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, settings_.tun_fd, nullptr);
+          tun_watched_ = false;
+          Notice(0, "EFDFERRY_TUN", std::string("reading the tun failed: ") + std::strerror(err));
+          break;
+        }
+        if (got == 0) {
+          drained = true;
+          break;
+        }
+        from_tun_++;
+        // A dropped packet leaves its slot to the next read.
+        if (Return(slot, static_cast<size_t>(got), &outgoing_[count])) count++;
       }
-      if (got == 0) return;
-      from_tun_++;
-      Return(buffer_.get(), static_cast<size_t>(got));
+      SendReturns(count);
+      if (drained) return;
     }
   }
 
-  void Return(uint8_t* data, size_t size) {
+  // Parses and rewrites one packet from the tun; false if it is dropped (and counted).
+  bool Return(uint8_t* data, size_t size, Outgoing* out) {
     Packet p;
     // Not verified: a tun without IFF_VNET_HDR hands out complete checksums (notes §5), and the kernel drops
     // what it finds corrupt before forwarding.
     Verdict verdict = ip::Parse(data, size, ip::Direction::kReturn, false, &p);
     if (verdict != Verdict::kOk) {
       return_drops_[ip::VerdictName(verdict)]++;
-      return;
+      return false;
     }
     Key key = p.kind == Kind::kIcmpError
                   ? ReverseKey(ip::InnerFlowProtocol(p), p.family, ip::InnerSrc(p), ip::InnerSport(p), ip::InnerDst(p),
@@ -868,15 +891,14 @@ class PumpThread {
     auto found = reverse_.find(key);
     if (found == reverse_.end()) {
       return_drops_["unmapped"]++;
-      return;
+      return false;
     }
     Mapping* m = found->second;
     auto registration = registrations_.find(m->rid);
     if (registration == registrations_.end()) {
       return_drops_["noRegistration"]++;
-      return;
+      return false;
     }
-    Registration* r = registration->second.get();
     if (p.kind == Kind::kIcmpError) {
       ip::RewriteIcmpErrorReturn(p, m->client, m->client_port);
     } else {
@@ -887,23 +909,53 @@ class PumpThread {
         packet::ClampMss(segment, static_cast<uint16_t>(p.family == 4 ? settings_.mss_clamp : settings_.mss_clamp - 20));
       }
     }
-    if (send(r->fd, data, p.length, MSG_DONTWAIT | MSG_NOSIGNAL) < 0) {
-      // Full: the client's stack retransmits. Other errors (the peer went away) surface on the read side.
-      r->Drop(errno == EAGAIN || errno == ENOBUFS ? "full" : "sendError");
-      return;
+    *out = {registration->second.get(), m, p.length};
+    return true;
+  }
+
+  void SendReturns(int count) {
+    int64_t now = MonotonicMs();
+    int run_start = 0;
+    while (run_start < count) {
+      Registration* r = outgoing_[run_start].registration;
+      int run_end = run_start + 1;
+      while (run_end < count && outgoing_[run_end].registration == r) run_end++;
+      for (int i = run_start; i < run_end; i++) {
+        batch_iov_[i] = {batch_.get() + static_cast<size_t>(i) * kPacketBuffer, outgoing_[i].length};
+        batch_msgs_[i] = {};
+        batch_msgs_[i].msg_hdr.msg_iov = &batch_iov_[i];
+        batch_msgs_[i].msg_hdr.msg_iovlen = 1;
+      }
+      int next = run_start;
+      while (next < run_end) {
+        int sent = sendmmsg(r->fd, batch_msgs_ + next, static_cast<unsigned>(run_end - next), MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (sent <= 0) {
+          if (sent < 0 && errno == EINTR) continue;
+          // Full: the client's stack retransmits. Other errors (the peer went away) surface on the read side.
+          r->Drop(errno == EAGAIN || errno == ENOBUFS ? "full" : "sendError");
+          next++;
+          continue;
+        }
+        for (int i = next; i < next + sent; i++) {
+          Mapping* m = outgoing_[i].mapping;
+          m->packets_in++;
+          m->last_activity = now;
+          r->packets_in++;
+          r->bytes_in += outgoing_[i].length;
+        }
+        // A short count means message next + sent failed; the next call reports why.
+        next += sent;
+      }
+      run_start = run_end;
     }
-    m->packets_in++;
-    m->last_activity = MonotonicMs();
-    r->packets_in++;
-    r->bytes_in += p.length;
   }
 
   std::shared_ptr<Shared> shared_;
   Settings settings_;
-  std::unique_ptr<uint8_t[]> buffer_;
   std::unique_ptr<uint8_t[]> batch_;
   mmsghdr batch_msgs_[kMmsg];
   iovec batch_iov_[kMmsg];
+  Outgoing outgoing_[kMmsg];
   FileDescriptor epoll_fd_;
   FileDescriptor ct_fd_;
   Tag wake_tag_{Tag::kWake};
