@@ -312,12 +312,23 @@ class PumpThread {
 
   // --- commands (run on the thread) ---
 
+  // One registration socket carries every flow of a client, and a download's replies arrive in bursts the
+  // proxy drains a little later: the default ~200 KiB of a Unix socket overflowed in tests (drops counted as
+  // "full", TCP recovering by retransmission). SO_*BUFFORCE needs CAP_NET_ADMIN, which Fish has; without it
+  // the plain options still raise the buffers up to wmem_max / rmem_max.
+  static void RaiseSocketBuffers(int fd) {
+    int size = 4 << 20;
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof size) < 0) setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size) < 0) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+  }
+
   void AddRegistration(std::unique_ptr<Registration> registration) {
     if (registrations_.count(registration->rid) != 0) {
       throw CommandError{"EFDFERRY_EXISTS", "registration " + std::to_string(registration->rid) + " exists", 0, {}};
     }
     Registration* raw = registration.get();
     raw->tag.registration = raw;
+    RaiseSocketBuffers(raw->fd);
     registrations_[raw->rid] = std::move(registration);
     if (!paused_ && !Watch(raw)) {
       int err = errno;
