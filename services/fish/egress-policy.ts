@@ -11,6 +11,8 @@ export interface Cidr {
   network: bigint;
   bits: number;
   text: string;
+  /** The prefix as written (`check-config` prints options as JSON, which has no bigint). */
+  toJSON(): string;
 }
 
 /** The operator's egress policy (flags `--egress-allow`, `--port-range`, `--max-registrations`). */
@@ -51,7 +53,8 @@ export function parseCidr(text: string, flag = 'egress-allow'): Cidr {
     throw new Error(`--${flag}: ${JSON.stringify(text)} is not an IPv4 or IPv6 prefix (e.g. 203.0.113.0/24, 2001:db8:e::/64)`);
   }
   const shift = BigInt(max - bits);
-  return { family: family as 4 | 6, network: (addressValue(address) >> shift) << shift, bits, text: `${address}/${bits}` };
+  const normalized = `${address}/${bits}`;
+  return { family: family as 4 | 6, network: (addressValue(address) >> shift) << shift, bits, text: normalized, toJSON: () => normalized };
 }
 
 /** Whether `address` lies inside one of the allowed prefixes. */

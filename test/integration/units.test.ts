@@ -25,7 +25,7 @@ import { cliCommand, tempDir } from '../helpers/daemon.js';
 t.setTimeout(180_000);
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-const SERVICES = ['splicer', 'bumblebee'] as const;
+const SERVICES = ['splicer', 'bumblebee', 'fish'] as const;
 const analyze = spawnSync('systemd-analyze', ['--version'], { encoding: 'utf8' });
 const noAnalyze = analyze.status === 0 ? false : 'systemd-analyze is not installed (apt-get install systemd)';
 const builtCli = path.join(root, 'dist', 'services', 'cli.js');
@@ -95,7 +95,7 @@ t.test('install-units writes units systemd-analyze verify accepts without a warn
     for (const suffix of ['service', 'socket']) t.match(installed.stdout, `wrote ${path.join(dir, `fdferry-${service}.${suffix}`)}\n`);
   }
   t.match(installed.stdout, '\n  systemctl daemon-reload\n');
-  t.match(installed.stdout, '\n  systemctl enable --now fdferry-splicer.socket fdferry-bumblebee.socket\n');
+  t.match(installed.stdout, '\n  systemctl enable --now fdferry-splicer.socket fdferry-bumblebee.socket fdferry-fish.socket\n');
 
   for (const service of SERVICES) {
     const unit = path.join(dir, `fdferry-${service}.service`);
@@ -217,7 +217,8 @@ t.test('check-config accepts the defaults and prints the effective configuration
     t.equal(effective.flags.socket, `/run/fdferry/${service}.sock`);
     t.notOk('handoffTimeout' in effective.flags, 'no camelCase duplicates');
     t.equal(effective.options.handoffTimeoutMs, 10_000, 'and what the daemon is started with');
-    t.equal(effective.options.shutdownGraceMs, service === 'splicer' ? 30_000 : 10_000);
+    // Fish has no grace: a stop ends every registration at once (its flows are stateless to it).
+    if (service !== 'fish') t.equal(effective.options.shutdownGraceMs, service === 'splicer' ? 30_000 : 10_000);
 
     const quiet = await fdferry('check-config', service, '--config', empty, '--quiet', '--socket', `/run/fdferry-${service}/${service}.sock`);
     t.equal(quiet.code, 0);
@@ -230,10 +231,10 @@ t.test('check-config accepts the defaults and prints the effective configuration
   }
   const none = await fdferry('check-config');
   t.equal(none.code, 1);
-  t.match(none.stderr, 'name a daemon: splicer, bumblebee');
+  t.match(none.stderr, 'name a daemon: splicer, bumblebee, fish');
   const other = await fdferry('check-config', 'fishy');
   t.equal(other.code, 1);
-  t.match(other.stderr, 'unknown daemon fishy (known: splicer, bumblebee)');
+  t.match(other.stderr, 'unknown daemon fishy (known: splicer, bumblebee, fish)');
 });
 
 t.test('check-config refuses what the daemon refuses, naming the file and the reason', async (t) => {
