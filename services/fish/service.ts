@@ -509,7 +509,8 @@ export class FishService implements Service {
       const registration = this.#table.get(match.rid);
       return { verdict: 'mapped', mapping: match, registration: registration ? { id: registration.id, owner: registration.owner, ports: registration.ports } : null };
     }
-    const registration = this.#table.all().find((r) => r.egress4 === flow.address || r.egress6 === flow.address ? flow.port >= r.ports[0] && flow.port <= r.ports[1] : false);
+    const inSlice = (r: Registration) => (r.egress4 === flow.address || r.egress6 === flow.address) && flow.port >= r.ports[0] && flow.port <= r.ports[1];
+    const registration = this.#table.all().find(inSlice);
     const waiting = [...this.#orphans.values()].flat().find((m) => mappingMatches(m, flow));
     if (waiting) return { verdict: 'waiting-for-registration', mapping: waiting };
     if (registration) return { verdict: 'unmapped', reason: `the port is in registration ${registration.id}'s slice but no flow uses it: replies to it are dropped (returnDrops.unmapped)`, registration: { id: registration.id, owner: registration.owner, ports: registration.ports } };
