@@ -37,6 +37,8 @@ export const GUARD_FINDING_KINDS: readonly GuardFindingKind[] = ['foreign', 'rew
 
 /** One finding, as logged and listed in `status`. */
 export interface GuardFinding {
+  /** A sequence number, per Fish (carried across hand-overs): `status` lists findings by it. */
+  id: number;
   kind: GuardFindingKind;
   /** When it was found (ISO 8601). */
   at: string;
@@ -261,6 +263,7 @@ export class SliceGuard {
   #overflows = 0;
   #events = 0;
   #errors = 0;
+  #lastId = 0;
 
   constructor(sources: SliceGuardSources, options: SliceGuardOptions) {
     this.#sources = sources;
@@ -396,6 +399,7 @@ export class SliceGuard {
       if (finding && (finding.kind === 'foreign' || finding.kind === 'rewritten') && finding.orig) this.#tracked.set(findingKey(finding.family, finding.orig), finding);
     }
     if (Array.isArray(snapshot.recent)) this.#recent.push(...snapshot.recent.slice(-this.#recentMax));
+    for (const finding of [...this.#tracked.values(), ...this.#recent]) if (Number.isInteger(finding.id)) this.#lastId = Math.max(this.#lastId, finding.id);
   }
 
   /** The most recent findings, newest last. */
@@ -462,6 +466,7 @@ export class SliceGuard {
 
   #finding(kind: GuardFindingKind, source: 'dump' | 'event', entry: ConntrackEntry, registrations: number[], detail: string): GuardFinding {
     return {
+      id: ++this.#lastId,
       kind,
       at: new Date(this.#now()).toISOString(),
       source,
@@ -488,7 +493,7 @@ export class SliceGuard {
     const suppressed = this.#suppressed[finding.kind];
     this.#suppressed[finding.kind] = 0;
     this.#lastLog[finding.kind] = now;
-    const { detail, ...fields } = finding;
+    const { detail, id: _id, ...fields } = finding;
     this.#sources.log.warn({ guard: fields, suppressed }, `slice guard: ${finding.kind}: ${detail}`);
   }
 

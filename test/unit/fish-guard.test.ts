@@ -260,7 +260,10 @@ t.test('a successor restores the snapshot: counts go on, entries already reporte
   after.guard.start({ timer: false });
   t.match(after.guard.counts(), { foreign: 1 }, 'the start dump finds the same entry: not counted again');
   t.equal(after.warnings.length, 0, 'nor logged again');
-  t.match(after.guard.recent(), [{ kind: 'foreign' }], 'the recent findings came along');
+  t.match(after.guard.recent(), [{ kind: 'foreign', id: 1 }], 'the recent findings came along');
+  after.events(message(CT_MSG.DELETE, fish), message(CT_MSG.NEW, entry(udp('10.9.9.9', 6666, ORIGIN, 9000), udp(ORIGIN, 9000, E, 40001))));
+  after.guard.tick();
+  t.match(after.guard.recent().at(-1), { kind: 'foreign', id: 2 }, 'ids go on from the predecessor\'s');
 
   const gone = harness(t);
   gone.guard.restore(snapshot);
