@@ -113,6 +113,8 @@ function harness(t: Test, options: { slices?: GuardSlice[]; mappings?: FishMappi
     state,
     advance: (ms: number) => (clock += ms),
     events: (...messages: Buffer[]) => batches.push({ messages, overflow: false, more: false }),
+    /** A full batch: the drain reads on in the same turn. */
+    fullBatch: (...messages: Buffer[]) => batches.push({ messages, overflow: false, more: true }),
     overflow: () => batches.push({ messages: [], overflow: true, more: false }),
   };
 }
@@ -269,5 +271,17 @@ t.test('a successor restores the snapshot: counts go on, entries already reporte
   gone.guard.restore(snapshot);
   gone.guard.start({ timer: false });
   t.match(gone.guard.status(), { current: { foreign: 0 }, findings: { foreign: 1 } }, 'an entry gone since is forgotten (and would be reported again if it came back)');
+  t.end();
+});
+
+t.test('a full batch is followed by another read in the same turn', (t) => {
+  const h = harness(t);
+  h.guard.start({ timer: false });
+  const second = entry(udp('10.9.9.9', 6666, ORIGIN, 9000), udp(ORIGIN, 9000, E, 40001));
+  h.fullBatch(message(CT_MSG.NEW, foreign));
+  h.events(message(CT_MSG.NEW, second));
+  h.guard.tick();
+  t.equal(h.guard.counts().foreign, 2, 'both batches were read in one turn');
+  t.match(h.guard.status(), { events: 2 });
   t.end();
 });
