@@ -148,6 +148,16 @@ export interface PersistentTun {
   created: boolean;
 }
 
+/** What one `netlinkReceive` drained from an event socket. */
+export interface NetlinkBatch {
+  /** Whole netlink messages (header included), in arrival order, from the kernel only. */
+  messages: Buffer[];
+  /** The kernel dropped messages (ENOBUFS, or one too large to read): the caller must resync, e.g. by dump. */
+  overflow: boolean;
+  /** `maxMessages` was reached: more may be queued. */
+  more: boolean;
+}
+
 /** The native calls Fish needs; part of {@link NativeBinding}. */
 export interface FishBinding {
   /** `socket(AF_NETLINK, SOCK_RAW|SOCK_CLOEXEC, protocol)` bound to `groups`; the caller closes it. */
@@ -158,6 +168,16 @@ export interface FishBinding {
    * terminating ACK/DONE excluded. A netlink error throws with `code`/`errno` and `syscall: 'netlink'`.
    */
   netlinkRequest(fd: number, message: Buffer, timeoutMs: number): Buffer[];
+  /**
+   * Drains an event socket (opened with groups) without blocking: every message the kernel queued, up to
+   * `maxMessages`. Never throws ENOBUFS: a receive queue overflow (events lost) comes back as `overflow`.
+   */
+  netlinkReceive(fd: number, maxMessages: number): NetlinkBatch;
+  /**
+   * Sets the socket's receive buffer with SO_RCVBUFFORCE (SO_RCVBUF without CAP_NET_ADMIN); returns what the
+   * kernel granted (twice the request, its bookkeeping included).
+   */
+  netlinkSetReceiveBuffer(fd: number, bytes: number): number;
   /** Opens the tun `name` (IFF_TUN|IFF_NO_PI, TUNSETPERSIST 1), creating it if needed. */
   openPersistentTun(name: string): PersistentTun;
   /** Clears TUNSETPERSIST on an open tun, so the device goes away when its last fd closes. */

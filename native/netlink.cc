@@ -1,4 +1,5 @@
-// Raw netlink sockets (see netlink.h): netlinkOpen(protocol, groups) and netlinkRequest(fd, message, timeoutMs).
+// Raw netlink sockets (see netlink.h): netlinkOpen(protocol, groups), netlinkRequest(fd, message, timeoutMs), and
+// for event (multicast) sockets netlinkReceive(fd, maxMessages) and netlinkSetReceiveBuffer(fd, bytes).
 //
 // Man pages: netlink(7), rtnetlink(7), socket(2), bind(2), setsockopt(2), sendto(2), recvmsg(2), poll(2).
 // Kernel docs: Documentation/userspace-api/netlink/intro.rst. uapi: linux/netlink.h (nlmsgerr, extended ACK).
@@ -258,11 +259,99 @@ Napi::Value NetlinkRequest(const Napi::CallbackInfo& info) {
   return replies;
 }
 
+// netlinkReceive(fd, maxMessages) -> { messages: Buffer[], overflow: boolean, more: boolean }
+//
+// Drains an event socket (bound to multicast groups) without blocking: recvmsg(MSG_DONTWAIT) until EAGAIN or
+// `maxMessages` messages. Only messages from the kernel (nl_pid 0) are kept. ENOBUFS means the kernel dropped
+// events because the receive queue was full; it is reported once, by the recvmsg that returns it, so it is
+// returned as `overflow` next to whatever was read before and after it rather than thrown (a throw would lose
+// the messages already read in this call). The caller resyncs by dump. `more` says the limit was hit and the
+// queue may hold more: the caller drains again later instead of holding the JS thread.
+Napi::Value NetlinkReceive(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int fd = FdArgument(info, 0);
+  if (!info[1].IsNumber()) throw Napi::TypeError::New(env, "netlinkReceive(fd, maxMessages)");
+  const int64_t max_messages = std::max<int64_t>(1, info[1].As<Napi::Number>().Int64Value());
+  std::vector<uint8_t> buffer(kReceiveBuffer);
+  Napi::Array messages = Napi::Array::New(env);
+  uint32_t count = 0;
+  bool overflow = false;
+  bool more = false;
+  for (;;) {
+    if (count >= max_messages) {
+      more = true;
+      break;
+    }
+    sockaddr_nl from{};
+    iovec iov{buffer.data(), buffer.size()};
+    msghdr header{};
+    header.msg_name = &from;
+    header.msg_namelen = sizeof from;
+    header.msg_iov = &iov;
+    header.msg_iovlen = 1;
+    ssize_t received = recvmsg(fd, &header, MSG_DONTWAIT | MSG_TRUNC);
+    if (received < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+      if (errno == ENOBUFS) {
+        overflow = true;
+        continue;
+      }
+      throw ErrnoException(env, errno, "recvmsg");
+    }
+    // A cut datagram (larger than 128 KiB; events are a few hundred bytes) cannot be parsed: count it as lost.
+    if (static_cast<size_t>(received) > buffer.size() || (header.msg_flags & MSG_TRUNC)) {
+      overflow = true;
+      continue;
+    }
+    if (from.nl_pid != 0) continue;
+    int length = static_cast<int>(received);
+    for (auto* message = reinterpret_cast<nlmsghdr*>(buffer.data()); NLMSG_OK(message, length);
+         message = NLMSG_NEXT(message, length)) {
+      if (message->nlmsg_type == NLMSG_NOOP || message->nlmsg_type == NLMSG_DONE) continue;
+      if (message->nlmsg_type == NLMSG_OVERRUN) {
+        overflow = true;
+        continue;
+      }
+      messages.Set(count++, Napi::Buffer<uint8_t>::Copy(env, reinterpret_cast<uint8_t*>(message), message->nlmsg_len));
+    }
+  }
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("messages", messages);
+  result.Set("overflow", Napi::Boolean::New(env, overflow));
+  result.Set("more", Napi::Boolean::New(env, more));
+  return result;
+}
+
+// netlinkSetReceiveBuffer(fd, bytes) -> the receive buffer the kernel granted (getsockopt, which reports
+// twice the requested size: the kernel doubles it for its bookkeeping).
+//
+// An event socket must absorb bursts (a flush of a registration's thousands of entries is one DESTROY event
+// each) between two drains. SO_RCVBUFFORCE (CAP_NET_ADMIN, which Fish has) passes net.core.rmem_max; without
+// the capability it falls back to SO_RCVBUF, capped at rmem_max, rather than fail: a smaller buffer only
+// means overflows (reported, then resynced by dump) come sooner.
+Napi::Value NetlinkSetReceiveBuffer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int fd = FdArgument(info, 0);
+  if (!info[1].IsNumber()) throw Napi::TypeError::New(env, "netlinkSetReceiveBuffer(fd, bytes)");
+  const int bytes = static_cast<int>(std::clamp<int64_t>(info[1].As<Napi::Number>().Int64Value(), 4096, INT32_MAX / 2));
+  if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &bytes, sizeof bytes) < 0) {
+    if (errno != EPERM) throw ErrnoException(env, errno, "setsockopt");
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes) < 0) throw ErrnoException(env, errno, "setsockopt");
+  }
+  int granted = 0;
+  socklen_t length = sizeof granted;
+  if (getsockopt(fd, SOL_SOCKET, SO_RCVBUF, &granted, &length) < 0) throw ErrnoException(env, errno, "getsockopt");
+  return Napi::Number::New(env, granted);
+}
+
 }  // namespace
 
 void InitNetlink(Napi::Env env, Napi::Object exports) {
   exports.Set("netlinkOpen", Napi::Function::New(env, NetlinkOpen, "netlinkOpen"));
   exports.Set("netlinkRequest", Napi::Function::New(env, NetlinkRequest, "netlinkRequest"));
+  exports.Set("netlinkReceive", Napi::Function::New(env, NetlinkReceive, "netlinkReceive"));
+  exports.Set("netlinkSetReceiveBuffer", Napi::Function::New(env, NetlinkSetReceiveBuffer, "netlinkSetReceiveBuffer"));
 }
 
 }  // namespace fdferry

@@ -11,7 +11,7 @@
 
 namespace fdferry {
 
-// Registers netlinkOpen and netlinkRequest.
+// Registers netlinkOpen, netlinkRequest, and for event sockets netlinkReceive and netlinkSetReceiveBuffer.
 void InitNetlink(Napi::Env env, Napi::Object exports);
 
 }  // namespace fdferry

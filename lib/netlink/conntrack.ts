@@ -31,6 +31,8 @@ export const NFNL_SUBSYS_CTNETLINK = 1;
 export const CT_MSG = { NEW: 0x100, GET: 0x101, DELETE: 0x102 } as const;
 /** `nl_groups` bit of DESTROY events: 1 << (NFNLGRP_CONNTRACK_DESTROY(3) − 1). */
 export const CT_DESTROY_GROUP = 0x4;
+/** `nl_groups` bit of NEW events: 1 << (NFNLGRP_CONNTRACK_NEW(1) − 1). */
+export const CT_NEW_GROUP = 0x1;
 
 /** Top-level conntrack attributes. */
 export const CTA = {
@@ -67,7 +69,7 @@ export const CTA_PROTOINFO_TCP = 1;
 export const CTA_PROTOINFO_TCP_STATE = 1;
 
 /** Status bits (linux/netfilter/nf_conntrack_common.h). */
-export const IPS = { EXPECTED: 0x1, SEEN_REPLY: 0x2, ASSURED: 0x4, CONFIRMED: 0x8, DYING: 0x200 } as const;
+export const IPS = { EXPECTED: 0x1, SEEN_REPLY: 0x2, ASSURED: 0x4, CONFIRMED: 0x8, SRC_NAT: 0x10, DST_NAT: 0x20, DYING: 0x200 } as const;
 /** TCP conntrack states (CTA_PROTOINFO_TCP_STATE). */
 export const TCP_CONNTRACK = { NONE: 0, SYN_SENT: 1, SYN_RECV: 2, ESTABLISHED: 3, FIN_WAIT: 4, CLOSE_WAIT: 5, LAST_ACK: 6, TIME_WAIT: 7, CLOSE: 8 } as const;
 
@@ -192,6 +194,11 @@ export function dumpByMarkMessage(options: { seq: number; family: IpVersion; mar
     nfgenmsg(options.family),
     [attrBe32(CTA.MARK, options.mark), attrBe32(CTA.MARK_MASK, options.mask)],
   );
+}
+
+/** IPCTNL_MSG_CT_GET with REQUEST|DUMP and no filter: every entry of `family` (zone 0 and every other). */
+export function dumpAllMessage(options: { seq: number; family: IpVersion }): Buffer {
+  return encodeMessage({ type: CT_MSG.GET, flags: NLM_F.REQUEST | NLM_F.DUMP, seq: options.seq }, nfgenmsg(options.family), []);
 }
 
 /** IPCTNL_MSG_CT_GET, REQUEST|ACK, by one tuple (ORIG or REPLY both find the entry); ENOENT if absent. */

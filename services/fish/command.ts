@@ -38,7 +38,9 @@ export function fishOptions<T>(yargs: Argv<T>) {
     .option('verify-checksums', { type: 'boolean', default: true, describe: 'check client packets\' checksums so bad ones are counted, not forwarded', group: 'Pump:' })
     .option('registration-grace', { type: 'number', default: 10_000, describe: 'ms a registration outlives its control connection (a restarting proxy re-registers in time and keeps its ports)', group: 'Daemon:' })
     .option('restart-grace', { type: 'number', default: 60_000, describe: 'after a crash, ms mappings found in conntrack wait for their registration before they are flushed', group: 'Daemon:' })
-    .option('audit', { type: 'boolean', default: false, describe: 'log every registration and its end at info level', group: 'Daemon:' });
+    .option('audit', { type: 'boolean', default: false, describe: 'log every registration and its end at info level', group: 'Daemon:' })
+    .option('slice-guard', { type: 'boolean', default: true, describe: 'report foreign, NATed and dropped conntrack entries in the slices (--no-slice-guard: off)', group: 'Daemon:' })
+    .option('guard-rescan-interval', { type: 'number', default: 5_000, describe: 'least ms between two unfiltered conntrack dumps of the slice guard (each costs a walk of the host\'s table)', group: 'Daemon:' });
 }
 
 type FishArgv = Awaited<ReturnType<ReturnType<typeof fishOptions>['parseAsync']>>;
@@ -99,6 +101,7 @@ export function fishOptionsFrom(argv: FishArgv): FishOptions {
     keepHostSetup: argv.keepHostSetup,
     audit: argv.audit,
     maxListedMappings: 10_000,
+    sliceGuard: argv.sliceGuard ? { rescanIntervalMs: integer('guard-rescan-interval', argv.guardRescanInterval, 5_000, 0, Number.MAX_SAFE_INTEGER) } : false,
   };
 }
 

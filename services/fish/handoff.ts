@@ -9,6 +9,7 @@ import { FISH_PROTOCOLS, type FishProtocol } from '../../lib/protocol/fish.js';
 import { ProtocolError } from '../../lib/protocol/errors.js';
 import { fdKindMismatch } from '../../lib/protocol/fd-kinds.js';
 import type { Registration } from './registrations.js';
+import type { GuardSnapshot } from './slice-guard.js';
 
 /** One registration in the state; `fd` is an index into the hand-over's fd list. */
 export type RegistrationRecord = Omit<Registration, 'connectionId' | 'orphanedAt'> & { orphanedAt: number | null };
@@ -26,6 +27,8 @@ export interface FishState {
   counters: Record<string, number>;
   exhausted: Record<string, number>;
   ended: Record<string, number>;
+  /** The slice guard's counts and findings (absent from predecessors without a guard, or with it off). */
+  guard?: GuardSnapshot;
 }
 
 /** Describes registrations, appending their packet sockets to `fds`. */

@@ -30,6 +30,8 @@ import type { FishHost, HostStart } from './host.js';
 import { RegistrationTable, type Registration } from './registrations.js';
 import type { EgressPolicy } from './egress-policy.js';
 import { exportRegistrations, importRegistrations, type FishState } from './handoff.js';
+import { conntrackGuardIo } from './conntrack-control.js';
+import { GUARD_FINDING_KINDS, SliceGuard, slicesOf, type GuardSnapshot, type SliceGuardOptions } from './slice-guard.js';
 
 /** Fish's own settings (flags of `fdferry fish`). */
 export interface FishOptions {
@@ -45,7 +47,12 @@ export interface FishOptions {
   audit: boolean;
   /** Most mapping rows `mappings` returns at once. */
   maxListedMappings: number;
+  /** The slice guard's settings (slice-guard.ts), or false for none. Default: on, with its defaults. */
+  sliceGuard?: false | Omit<SliceGuardOptions, 'markBase'>;
 }
+
+/** How many refusals `explain` remembers. */
+const RECENT_REFUSALS = 256;
 
 /** Builds the host side (injected so tests can replace it). */
 export type FishHostFactory = (context: DaemonContext) => FishHost;
@@ -59,6 +66,9 @@ export class FishService implements Service {
   readonly #host: FishHost;
   readonly #table: RegistrationTable;
   #pump: FishPump | null = null;
+  #guard: SliceGuard | null = null;
+  /** A stopped guard's (or a predecessor's) state, for the next guard: counts stay monotonic, findings are not repeated. */
+  #guardCarried: GuardSnapshot | null = null;
   #tunFd = -1;
   #tunIfindex = 0;
   #stopping = false;
@@ -71,6 +81,8 @@ export class FishService implements Service {
   readonly #counters: Record<string, number> = { registered: 0, refused: 0 };
   readonly #exhausted: Record<string, number> = { slice: 0, limit: 0, conntrack: 0 };
   readonly #ended: Record<string, number> = {};
+  /** The last refusals, so `explain` can say why a client tuple never got a mapping. */
+  readonly #recentRefusals: Array<ExhaustedEvent & { at: number }> = [];
 
   constructor(context: DaemonContext, options: FishOptions, createHost: FishHostFactory) {
     this.#context = context;
@@ -89,6 +101,7 @@ export class FishService implements Service {
     this.#tunFd = started.tunFd;
     this.#tunIfindex = started.ifindex;
     this.#startPump();
+    this.#startGuard();
     // A cold start after a crash: the kernel kept every reservation; give each registration its ports back
     // when its proxy re-registers, and flush what nobody claims.
     const found = started.mappings;
@@ -229,6 +242,13 @@ export class FishService implements Service {
         labelNames: ['reason'],
         read: () => Object.entries(this.#ended).map(([reason, count]): Sample => [{ reason }, count]),
       },
+      {
+        name: 'fdferry_fish_guard_findings_total',
+        help: 'Slice guard findings: foreign entries in a slice, Fish entries the kernel NATed (rewritten) or deleted while active (dropped)',
+        type: 'counter',
+        labelNames: ['kind'],
+        read: () => GUARD_FINDING_KINDS.map((kind): Sample => [{ kind }, this.#guardCounts()[kind] ?? 0]),
+      },
     ];
   }
 
@@ -243,6 +263,7 @@ export class FishService implements Service {
       packetsFromTun: stats?.packetsFromTun ?? 0,
       packetsToTun: stats?.packetsToTun ?? 0,
       returnDrops: stats?.returnDrops ?? {},
+      guard: this.#guard?.status() ?? { running: false, findings: this.#guardCounts() },
       stopping: this.#stopping,
     };
   }
@@ -258,6 +279,7 @@ export class FishService implements Service {
       counters: { ...this.#counters },
       exhausted: { ...this.#exhausted },
       ended: { ...this.#ended },
+      guard: this.#guard?.snapshot() ?? this.#guardCarried ?? undefined,
     };
     return { state: state as unknown as Record<string, unknown>, summary: { tasks: this.#table.size, bytesInFlight: 0 } };
   }
@@ -269,6 +291,7 @@ export class FishService implements Service {
   releaseExported(): void {
     const { binding } = this.#context;
     // The successor owns the tun, the rules and the reservations now: close our copies, touch nothing else.
+    this.#stopGuard();
     this.#pump?.close();
     this.#pump = null;
     for (const registration of this.#table.all()) binding.closeAll([registration.fd]);
@@ -305,6 +328,7 @@ export class FishService implements Service {
     Object.assign(this.#counters, fish.counters ?? {});
     Object.assign(this.#exhausted, fish.exhausted ?? {});
     Object.assign(this.#ended, fish.ended ?? {});
+    this.#guardCarried = fish.guard ?? null;
     return { tasks: registrations.length, bytesInFlight: 0 };
   }
 
@@ -318,6 +342,7 @@ export class FishService implements Service {
     }
     if (this.#orphans.size) this.#orphanTimer = setTimeout(() => this.#flushOrphans(), this.#options.restartGraceMs).unref();
     this.#pump?.resume();
+    this.#startGuard();
     log.info({ registrations: this.#table.size }, 'registrations resumed');
   }
 
@@ -329,6 +354,7 @@ export class FishService implements Service {
     this.#stopping = true;
     const { binding, log } = this.#context;
     this.#clearTimers();
+    this.#stopGuard();
     this.#pump?.close();
     this.#pump = null;
     const keep = this.#options.keepHostSetup;
@@ -346,6 +372,38 @@ export class FishService implements Service {
 
   #startPump(): void {
     this.#pump = this.#context.binding.createFishPump({ ...this.#options.pump, tunFd: this.#tunFd }, (events) => this.#onEvents(events));
+  }
+
+  /**
+   * The slice guard runs once the host is set up (or adopted). It only reports, so a failure to open its
+   * event socket is logged and Fish forwards without it.
+   */
+  #startGuard(): void {
+    if (this.#options.sliceGuard === false || this.#guard) return;
+    const guard = new SliceGuard(
+      { io: conntrackGuardIo(this.#context.binding), log: this.#context.log, slices: () => slicesOf(this.#table.all()), mappings: () => this.#pump?.mappings() ?? [] },
+      { ...this.#options.sliceGuard, markBase: this.#options.pump.markBase },
+    );
+    guard.restore(this.#guardCarried);
+    try {
+      guard.start();
+      this.#guard = guard;
+      this.#guardCarried = null;
+    } catch (error) {
+      guard.stop();
+      this.#context.log.error({ err: error }, 'slice guard could not start (no conntrack events): Fish forwards without it');
+    }
+  }
+
+  #stopGuard(): void {
+    if (!this.#guard) return;
+    this.#guardCarried = this.#guard.snapshot();
+    this.#guard.stop();
+    this.#guard = null;
+  }
+
+  #guardCounts(): Partial<Record<string, number>> {
+    return this.#guard?.counts() ?? this.#guardCarried?.counts ?? {};
   }
 
   #pumpOrThrow(): FishPump {
@@ -406,6 +464,7 @@ export class FishService implements Service {
     }
     this.#table.set(registration);
     pump.addRegistration(this.#pumpRegistration(registration));
+    this.#guard?.slicesChanged();
     if (kept.length) pump.addMappings(kept.map(({ rid, protocol, family, clientAddress, clientPort, destinationAddress, destinationPort, egressAddress, egressPort }) => ({ rid, protocol, family, clientAddress, clientPort, destinationAddress, destinationPort, egressAddress, egressPort })));
     this.#counters.registered!++;
     log[this.#options.audit ? 'info' : 'debug'](
@@ -446,6 +505,7 @@ export class FishService implements Service {
     binding.closeAll([registration.fd]);
     this.#table.remove(registration.id);
     this.#flush(registration.id);
+    this.#guard?.slicesChanged();
     try {
       this.#host.setRanges(this.#table.ranges());
     } catch (error) {
@@ -505,16 +565,25 @@ export class FishService implements Service {
   #explain(flow: ReturnType<typeof parseExplainRequest>): Record<string, unknown> {
     const rows: FishMappingRow[] = this.#pump?.mappings() ?? [];
     const match = rows.find((row) => mappingMatches(row, flow));
+    // What the slice guard saw of this tuple (a foreign entry holding it, or one of Fish's rewritten or dropped).
+    const finding = this.#guard?.findingFor(flow);
+    const guard = finding ? { guard: finding } : {};
     if (match) {
       const registration = this.#table.get(match.rid);
-      return { verdict: 'mapped', mapping: match, registration: registration ? { id: registration.id, owner: registration.owner, ports: registration.ports } : null };
+      return { verdict: 'mapped', mapping: match, registration: registration ? { id: registration.id, owner: registration.owner, ports: registration.ports } : null, ...guard };
     }
+    if (finding?.kind === 'foreign') return { verdict: 'foreign', reason: finding.detail, entry: finding };
     const inSlice = (r: Registration) => (r.egress4 === flow.address || r.egress6 === flow.address) && flow.port >= r.ports[0] && flow.port <= r.ports[1];
     const registration = this.#table.all().find(inSlice);
     const waiting = [...this.#orphans.values()].flat().find((m) => mappingMatches(m, flow));
-    if (waiting) return { verdict: 'waiting-for-registration', mapping: waiting };
-    if (registration) return { verdict: 'unmapped', reason: `the port is in registration ${registration.id}'s slice but no flow uses it: replies to it are dropped (returnDrops.unmapped)`, registration: { id: registration.id, owner: registration.owner, ports: registration.ports } };
-    return { verdict: 'unknown', reason: 'no registration or mapping matches: if this is a client tuple, the flow never started or was refused (see fdferry_fish_exhausted_total and the exhausted events)' };
+    if (waiting) return { verdict: 'waiting-for-registration', mapping: waiting, ...guard };
+    if (registration) return { verdict: 'unmapped', reason: `the port is in registration ${registration.id}'s slice but no flow uses it: replies to it are dropped (returnDrops.unmapped)`, registration: { id: registration.id, owner: registration.owner, ports: registration.ports }, ...guard };
+    const refusal = [...this.#recentRefusals].reverse().find((r) => r.protocol === flow.protocol && r.clientAddress === flow.address && r.clientPort === flow.port && r.destinationAddress === flow.destinationAddress && r.destinationPort === flow.destinationPort);
+    if (refusal) {
+      const why = { slice: 'every port of the slice was taken for this destination', limit: 'the registration had reached its mapping limit', conntrack: `conntrack refused the reservation (${String(refusal.code)})` }[refusal.reason];
+      return { verdict: 'refused', reason: `registration ${refusal.id} refused this flow ${new Date(refusal.at).toISOString()}: ${why}; the client got a reset or an ICMP administratively prohibited`, refusal };
+    }
+    return { verdict: 'unknown', reason: 'no registration, mapping or recent refusal matches: if this is a client tuple, the flow never started (or its refusal is older than the last 256)' };
   }
 
   #onEvents(events: FishEvent[]): void {
@@ -526,6 +595,8 @@ export class FishService implements Service {
           const registration = this.#table.get(event.rid);
           const { type: _type, rid, ...rest } = event;
           const data: ExhaustedEvent = { id: rid, ...rest };
+          this.#recentRefusals.push({ ...data, at: Date.now() });
+          if (this.#recentRefusals.length > RECENT_REFUSALS) this.#recentRefusals.shift();
           log.warn({ ...data, owner: registration?.owner }, `registration ${rid}: no egress tuple for a new ${event.protocol} flow to ${event.destinationAddress}:${event.destinationPort} (${event.reason})`);
           if (registration?.connectionId != null) server.notify(registration.connectionId, 'exhausted', data as unknown as Record<string, unknown>);
           break;

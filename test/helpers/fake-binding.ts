@@ -326,6 +326,12 @@ export class FakeBinding implements NativeBinding {
   netlinkRequest(): never {
     throw new Error('FakeBinding: no netlink sockets; Fish host-network tests inject their own');
   }
+  netlinkReceive(): never {
+    throw new Error('FakeBinding: no netlink sockets; slice guard tests inject their own');
+  }
+  netlinkSetReceiveBuffer(): never {
+    throw new Error('FakeBinding: no netlink sockets; slice guard tests inject their own');
+  }
   openPersistentTun(): never {
     throw new Error('FakeBinding: no tun devices');
   }

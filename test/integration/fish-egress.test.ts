@@ -99,6 +99,8 @@ const notRoot = process.getuid?.() === 0 ? false : 'Fish needs root: network nam
     t.match(metrics, /fdferry_fish_exhausted_total\{reason="slice"[^}]*\} [1-9]/, 'the refusal is counted by reason');
     const explained = await client.explain({ protocol: 'udp', address: '100.64.0.2', port: 20001, destinationAddress: ORIGIN4[1], destinationPort: ORIGIN_UDP_PORTS[1] });
     t.match(explained, { verdict: 'mapped', mapping: { rid: 2, egressAddress: EGRESS4 } }, 'explain finds a client tuple\'s mapping');
+    const refused = await client.explain({ protocol: 'udp', address: '100.64.0.2', port: 20003, destinationAddress: ORIGIN4[1], destinationPort: ORIGIN_UDP_PORTS[1] });
+    t.match(refused, { verdict: 'refused', reason: /every port of the slice was taken/, refusal: { id: 2, reason: 'slice' } }, 'explain says why the refused flow got no mapping');
 
     // A registration whose control connection goes away ends after the grace period, and its entries are flushed.
     secondClient.close();
