@@ -30,6 +30,8 @@ export interface RegisterOptions {
   /** Default: tcp, udp and icmp. */
   protocols?: FishProtocol[];
   maxMappings?: number;
+  /** The client's IPv6 /64: lets a Fish restarted after a crash rebuild the client's IPv6 mappings. */
+  client6Prefix?: string;
 }
 
 /** Options of a {@link FishClient}. */
@@ -152,6 +154,7 @@ export class FishClient extends EventEmitter<FishClientEvents> {
     if (options.egress6 !== undefined) params.egress6 = options.egress6;
     if (options.protocols !== undefined) params.protocols = options.protocols;
     if (options.maxMappings !== undefined) params.maxMappings = options.maxMappings;
+    if (options.client6Prefix !== undefined) params.client6Prefix = options.client6Prefix;
     const reply = await this.#rpc.request('register', params, [fd]);
     return reply.result as unknown as RegisterResult;
   }

@@ -22,6 +22,11 @@ export interface RegisterRequest {
   protocols: FishProtocol[];
   /** Concurrent mappings allowed (0 = the daemon's default). */
   maxMappings: number;
+  /**
+   * The client's IPv6 /64 (`fd00:64::/64`), if it uses IPv6: conntrack labels hold only the low 64 bits of
+   * a client address, so after a crash Fish needs it to rebuild the client's IPv6 mappings.
+   */
+  client6Prefix: string | null;
 }
 
 /** The reply to `register`. */
@@ -56,7 +61,7 @@ export interface ExhaustedEvent {
   suppressed: number;
 }
 
-const KNOWN = new Set(['id', 'egress4', 'egress6', 'ports', 'protocols', 'maxMappings']);
+const KNOWN = new Set(['id', 'egress4', 'egress6', 'ports', 'protocols', 'maxMappings', 'client6Prefix']);
 
 const fail = (message: string): never => {
   throw new ProtocolError('EFDFERRY_INVALID', message);
@@ -90,6 +95,11 @@ export function parseRegisterRequest(params: Record<string, unknown>): RegisterR
   }
   if (!Number.isInteger(maxMappings) || (maxMappings as number) < 0 || (maxMappings as number) > 1 << 24) fail('"maxMappings" must be an integer from 0 to 16777216');
   const [lo, hi] = ports as [number, number];
+  const { client6Prefix = null } = params;
+  if (client6Prefix !== null) {
+    const [address = '', bits] = typeof client6Prefix === 'string' ? client6Prefix.split('/') : [];
+    if (net.isIP(address) !== 6 || bits !== '64') fail('"client6Prefix" must be an IPv6 /64 prefix such as fd00:64::/64');
+  }
   return {
     id: id as number,
     egress4,
@@ -97,6 +107,7 @@ export function parseRegisterRequest(params: Record<string, unknown>): RegisterR
     ports: [lo, hi],
     protocols: FISH_PROTOCOLS.filter((p) => (protocols as string[]).includes(p)),
     maxMappings: maxMappings as number,
+    client6Prefix: client6Prefix as string | null,
   };
 }
 

@@ -27,13 +27,13 @@ const PROTOCOLS: Record<number, FishMapping['protocol']> = { 6: 'tcp', 17: 'udp'
 
 /**
  * A conntrack entry of Fish's as the mapping it was made for, or null when its labels cannot say which
- * client it belongs to. IPv6 labels hold only the low 64 bits of the client address (notes §7), and the
- * registration's /64 is not known at a cold start: those entries are left to expire.
+ * client it belongs to. IPv6 labels hold only the low 64 bits of the client address (notes §7): such a
+ * mapping's `clientAddress` is `::<low 64 bits>` until its registration comes back with its /64.
  */
 export function mappingOfEntry(entry: ConntrackEntry, markBase: number): FishMapping | null {
   const labels = decodeLabels(entry.labels);
   const orig = entry.orig;
-  if (!labels || !orig || entry.mark === null || (entry.mark & FISH_MARK_MASK) >>> 0 !== markBase >>> 0 || labels.ipVersion !== 4) return null;
+  if (!labels || !orig || entry.mark === null || (entry.mark & FISH_MARK_MASK) >>> 0 !== markBase >>> 0 || labels.ipVersion !== (entry.family === 6 ? 6 : 4)) return null;
   const protocol = PROTOCOLS[orig.protocol];
   if (!protocol) return null;
   const rid = entry.mark & 0xffff;
@@ -72,7 +72,7 @@ export function createFishHost(context: DaemonContext, settings: FishHostSetting
         routeTun(tun.ifindex);
         const entries = families.flatMap((family) => dumpMarked(ct(), family, settings.markBase, FISH_MARK_MASK));
         const mappings = entries.map((entry) => mappingOfEntry(entry, settings.markBase)).filter((m): m is FishMapping => m !== null);
-        if (entries.length > mappings.length) log.info({ entries: entries.length, usable: mappings.length }, 'conntrack entries of Fish\'s without a usable client label (IPv6, or foreign): left to expire');
+        if (entries.length > mappings.length) log.info({ entries: entries.length, usable: mappings.length }, 'conntrack entries of Fish\'s without a usable client label: left to expire');
         return { tunFd: tun.fd, tunName: settings.tunName, ifindex: tun.ifindex, reattached: !tun.created, mappings };
       } catch (error) {
         binding.closeAll([tun.fd]);

@@ -25,6 +25,7 @@ import {
   type RegisterResult,
 } from '../../lib/protocol/fish.js';
 import { ProtocolError } from '../../lib/protocol/errors.js';
+import { clientAddress6 } from '../../lib/netlink/conntrack.js';
 import { defineMethod, type MethodTable } from '../../lib/rpc/server.js';
 import type { FishHost, HostStart } from './host.js';
 import { RegistrationTable, type Registration } from './registrations.js';
@@ -460,7 +461,9 @@ export class FishService implements Service {
     const orphans = this.#orphans.get(request.id);
     if (orphans) {
       this.#orphans.delete(request.id);
-      kept.push(...orphans.filter(fits));
+      // Rebuilt from conntrack labels, an IPv6 client address has only its low 64 bits: the /64 comes now.
+      const whole = orphans.flatMap((m) => (m.family === 4 ? [m] : request.client6Prefix ? [{ ...m, clientAddress: clientAddress6(request.client6Prefix.split('/')[0]!, m.clientAddress) }] : []));
+      kept.push(...whole.filter(fits));
     }
     this.#table.set(registration);
     pump.addRegistration(this.#pumpRegistration(registration));

@@ -7,7 +7,7 @@ import { FishClient, type RegisterResult } from '../../lib/client/fish.js';
 import { loadNative } from '../../lib/native.js';
 import { HeldFlows } from '../helpers/bumblebee-topology.js';
 import { tempDir } from '../helpers/daemon.js';
-import { clientRelay, EGRESS4, fishTopology, hostExec, ORIGIN4, ORIGIN_TCP_ECHO_PORT, ORIGIN_UDP_PORTS, startDaemonInHost, startOrigin, udpRequestIn, type FishOrigin } from '../helpers/fish-topology.js';
+import { clientRelay, EGRESS4, EGRESS6, fishTopology, hostExec, ORIGIN4, ORIGIN6, ORIGIN_TCP_ECHO_PORT, ORIGIN_UDP_PORTS, startDaemonInHost, startOrigin, udpRequestIn, type FishOrigin } from '../helpers/fish-topology.js';
 import { eventually } from '../helpers/native-helpers.js';
 import { alive, Generations, reload } from '../helpers/restart.js';
 
@@ -15,11 +15,15 @@ const binding = loadNative();
 const notRoot = process.getuid?.() === 0 ? false : 'Fish needs root: network namespaces, a tun, rules and conntrack';
 const UDP_LOCAL_PORT = 31_000;
 
-/** The egress port the origin saw on the latest datagram from our UDP flow. */
-function lastUdpPort(origin: FishOrigin): number | undefined {
-  const lines = origin.seen.filter((line) => line.event === 'udp' && line.remote === EGRESS4 && line.local === ORIGIN4[0] && line.localPort === ORIGIN_UDP_PORTS[0]);
+/** The egress port the origin saw on the latest datagram from our UDP flow (of one family). */
+function lastUdpPort(origin: FishOrigin, family: 4 | 6 = 4): number | undefined {
+  const [egress, to] = family === 4 ? [EGRESS4, ORIGIN4[0]] : [EGRESS6, ORIGIN6[0]];
+  const lines = origin.seen.filter((line) => line.event === 'udp' && line.remote === egress && line.local === to && line.localPort === ORIGIN_UDP_PORTS[0]);
   return lines.at(-1)?.remotePort as number | undefined;
 }
+
+/** One UDP request/response on the long-lived IPv6 flow. */
+const udp6 = (topology: Parameters<typeof udpRequestIn>[0]) => udpRequestIn(topology, ORIGIN6[0], ORIGIN_UDP_PORTS[0], { count: 1, localPort: UDP_LOCAL_PORT + 1 });
 
 t.test('a TCP connection and a UDP flow keep their egress ports across SIGHUP and across SIGKILL plus a cold start', { skip: notRoot }, async (t) => {
   const topology = fishTopology(t, binding);
@@ -35,7 +39,7 @@ t.test('a TCP connection and a UDP flow keep their egress ports across SIGHUP an
   client.on('reregistered', (result) => reregistered.push(result));
   client.on('error', (error) => t.comment(`FishClient: ${error.message}`));
   await client.connect();
-  await client.register(relay.releaseFd(), { id: 9, egress4: EGRESS4, ports: [40000, 40999] });
+  await client.register(relay.releaseFd(), { id: 9, egress4: EGRESS4, egress6: EGRESS6, ports: [40000, 40999], client6Prefix: 'fd00:64::/64' });
 
   const held = new HeldFlows(t, topology.client as never, ['--target', `${ORIGIN4[0]}:${ORIGIN_TCP_ECHO_PORT}`, '--count', '1']);
   t.match(await held.ready(), { ready: 1 }, 'a TCP connection is open through Fish');
@@ -45,6 +49,9 @@ t.test('a TCP connection and a UDP flow keep their egress ports across SIGHUP an
   t.equal((await udpRequestIn(topology.client, ORIGIN4[0], ORIGIN_UDP_PORTS[0], { count: 2, localPort: UDP_LOCAL_PORT })).matched, 2, 'the UDP flow is answered');
   const udpPort = lastUdpPort(origin);
   t.ok(udpPort && udpPort >= 40000 && udpPort <= 40999, `the UDP flow leaves from ${EGRESS4}:${String(udpPort)}`);
+  t.equal((await udp6(topology.client)).matched, 1, 'an IPv6 UDP flow is answered');
+  const udp6Port = lastUdpPort(origin, 6);
+  t.ok(udp6Port, `it leaves from [${EGRESS6}]:${String(udp6Port)}`);
 
   // SIGHUP: a hand-over to a successor, the registration and its mappings carried in the state memfd.
   const { report } = await reload('fish', first.socket);
@@ -65,10 +72,12 @@ t.test('a TCP connection and a UDP flow keep their egress ports across SIGHUP an
   await second.waitForLog((line) => line.msg === 'Fish ready', 20_000);
   t.ok(await eventually(() => reregistered.length > 0, 20_000), 'the client registered the same id again on reconnect');
   t.match(reregistered[0], { id: 9, resumed: true }, 'and got its mappings back');
-  t.ok((reregistered[0]?.mappings ?? 0) >= 2, `mappings rebuilt from conntrack: ${String(reregistered[0]?.mappings)}`);
+  t.ok((reregistered[0]?.mappings ?? 0) >= 3, `mappings rebuilt from conntrack: ${String(reregistered[0]?.mappings)}`);
   t.match(await held.ping(), { pinged: 1, failed: 0 }, 'the TCP connection echoes after the crash and cold start');
   t.equal((await udpRequestIn(topology.client, ORIGIN4[0], ORIGIN_UDP_PORTS[0], { count: 2, localPort: UDP_LOCAL_PORT })).matched, 2, 'the UDP flow is answered after the cold start');
   t.equal(lastUdpPort(origin), udpPort, 'and still leaves from the same egress port');
+  t.equal((await udp6(topology.client)).matched, 1, 'the IPv6 UDP flow is answered after the cold start');
+  t.equal(lastUdpPort(origin, 6), udp6Port, 'from the same egress port: its mapping was rebuilt with the registration\'s /64');
   t.equal(origin.seen.filter((line) => line.event === 'tcp' && line.remote === EGRESS4).length, 1, 'still the one TCP connection');
   const totals = await held.close();
   t.match(totals, { resets: 0 }, `no connection was reset: ${JSON.stringify(totals)}`);

@@ -17,8 +17,10 @@ t.test('register requests: defaults, and every bad parameter refused with the re
     ports: [40000, 40999],
     protocols: ['tcp', 'udp', 'icmp'],
     maxMappings: 0,
+    client6Prefix: null,
   });
   t.same(parseRegisterRequest({ id: 65535, egress6: '2001:db8:e::7', ports: [1, 1], protocols: ['udp', 'tcp'] }).protocols, ['tcp', 'udp'], 'protocols in a stable order');
+  t.equal(parseRegisterRequest({ id: 2, egress6: '2001:db8:e::7', ports: [1, 1], client6Prefix: 'fd00:64::/64' }).client6Prefix, 'fd00:64::/64');
   const bad: Array<[Record<string, unknown>, RegExp]> = [
     [{ egress4: '203.0.113.7', ports: [1, 2] }, /"id" must be an integer from 1 to 65535/],
     [{ id: 0, egress4: '203.0.113.7', ports: [1, 2] }, /"id"/],
@@ -35,6 +37,8 @@ t.test('register requests: defaults, and every bad parameter refused with the re
     [{ id: 1, egress4: '203.0.113.7', ports: [1, 2], protocols: ['sctp'] }, /"protocols"/],
     [{ id: 1, egress4: '203.0.113.7', ports: [1, 2], maxMappings: -1 }, /"maxMappings"/],
     [{ id: 1, egress4: '203.0.113.7', ports: [1, 2], surprise: 1 }, /unknown parameter "surprise"/],
+    [{ id: 1, egress6: '2001:db8:e::7', ports: [1, 2], client6Prefix: 'fd00:64::/48' }, /"client6Prefix" must be an IPv6 \/64/],
+    [{ id: 1, egress6: '2001:db8:e::7', ports: [1, 2], client6Prefix: '100.64.0.0/64' }, /"client6Prefix"/],
   ];
   for (const [params, message] of bad) t.throws(() => parseRegisterRequest(params), { code: 'EFDFERRY_INVALID', message }, JSON.stringify(params));
   t.end();
@@ -99,7 +103,7 @@ const registration = (id: number, uid: number, ports: [number, number], egress4:
 
 t.test('registrations: policy, ownership by uid, the limit, and the merged rule ranges', (t) => {
   const table = new RegistrationTable({ allow: [parseCidr('203.0.113.0/24'), parseCidr('2001:db8:e::/64')], portRange: [1024, 65535], maxRegistrations: 3, defaultMaxMappings: 10 });
-  const request = (id: number, ports: [number, number], egress4 = '203.0.113.7') => ({ id, egress4, egress6: null, ports, protocols: ['udp' as const], maxMappings: 0 });
+  const request = (id: number, ports: [number, number], egress4 = '203.0.113.7') => ({ id, egress4, egress6: null, ports, protocols: ['udp' as const], maxMappings: 0, client6Prefix: null });
   t.throws(() => table.check(request(1, [40000, 40999], '198.51.100.1'), 0), { code: 'EFDFERRY_CONFLICT', message: /outside --egress-allow/ });
   t.throws(() => table.check(request(1, [80, 90]), 0), { code: 'EFDFERRY_CONFLICT', message: /outside --port-range 1024-65535/ });
   t.equal(table.check(request(1, [40000, 40999]), 0), undefined, 'a new id');
