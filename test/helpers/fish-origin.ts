@@ -13,16 +13,10 @@ import dgram from 'node:dgram';
 import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
+import { flagReader } from './child-flags.js';
 
 const argv = process.argv.slice(2);
-const flag = (name: string, fallback?: string): string => {
-  const index = argv.indexOf(`--${name}`);
-  if (index < 0 || index + 1 >= argv.length) {
-    if (fallback === undefined) throw new Error(`--${name} is required`);
-    return fallback;
-  }
-  return argv[index + 1]!;
-};
+const flag = flagReader(argv);
 const file = flag('file');
 const tcpPort = Number(flag('tcp-port', '7'));
 const httpPort = Number(flag('http-port', '80'));

@@ -15,21 +15,13 @@
 import crypto from 'node:crypto';
 import net from 'node:net';
 import readline from 'node:readline';
+import { flagReader, splitTarget } from './child-flags.js';
 
 const argv = process.argv.slice(2);
 const mode = argv[0];
-const flag = (name: string, fallback?: string): string => {
-  const index = argv.indexOf(`--${name}`);
-  if (index < 0 || index + 1 >= argv.length) {
-    if (fallback === undefined) throw new Error(`--${name} is required`);
-    return fallback;
-  }
-  return argv[index + 1]!;
-};
+const flag = flagReader(argv);
 const target = flag('target');
-const separator = target.lastIndexOf(':');
-const host = target.slice(0, separator).replace(/^\[|\]$/g, '');
-const port = Number(target.slice(separator + 1));
+const { host, port } = splitTarget(target);
 const count = Number(flag('count', '1'));
 const localPortBase = Number(flag('local-port-base', '0'));
 let resets = 0;
