@@ -3,7 +3,7 @@
  * say. Shared by the daemon that validates it and the client that builds and reads it.
  */
 import net from 'node:net';
-import type { FishMapping, FishProtocol } from '../native-fish.js';
+import type { FishEvent, FishMapping, FishProtocol } from '../native-fish.js';
 import { ProtocolError } from './errors.js';
 
 export type { FishMapping, FishProtocol } from '../native-fish.js';
@@ -45,21 +45,10 @@ export interface RegisterResult {
 
 /**
  * The `exhausted` event: a client flow was refused an egress tuple (the client already got a TCP reset
- * or an ICMP administratively-prohibited). Not kept in the mailbox: it is news, not a result.
+ * or an ICMP administratively-prohibited). Not kept in the mailbox: it is news, not a result. It is the
+ * pump's event with the registration id as `id`.
  */
-export interface ExhaustedEvent {
-  id: number;
-  protocol: FishProtocol;
-  family: 4 | 6;
-  clientAddress: string;
-  clientPort: number;
-  destinationAddress: string;
-  destinationPort: number;
-  reason: 'slice' | 'limit' | 'conntrack';
-  code: string | null;
-  /** Further refusals folded into this one. */
-  suppressed: number;
-}
+export type ExhaustedEvent = Omit<Extract<FishEvent, { type: 'exhausted' }>, 'type' | 'rid'> & { id: number };
 
 const KNOWN = new Set(['id', 'egress4', 'egress6', 'ports', 'protocols', 'maxMappings', 'client6Prefix']);
 
