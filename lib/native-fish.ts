@@ -34,7 +34,10 @@ export interface FishPumpOptions {
    * NATed. A datagram not complete this long after its first fragment is dropped (`fragmentTimeout`). 5000.
    */
   fragmentTimeoutMs?: number;
-  /** Datagrams in reassembly at once, per direction; past it `fragmentTableFull`. 1024. */
+  /**
+   * Datagrams in reassembly at once, per direction (a quarter of it per registration); past it
+   * `fragmentTableFull`. 1024.
+   */
   fragmentEntries?: number;
   /** Bytes held for reassembly, per direction; past it `fragmentTableFull`. 4 MiB. */
   fragmentBytes?: number;

@@ -1191,6 +1191,8 @@ class FishPump final : public Napi::ObjectWrap<FishPump>, public LoopResource {
     settings.verify_checksums = options.Get("verifyChecksums").ToBoolean();
     settings.fragments.timeout_ms = static_cast<int64_t>(NumberField(options, "fragmentTimeoutMs", 5000, 1, 600000));
     settings.fragments.max_entries = static_cast<size_t>(NumberField(options, "fragmentEntries", 1024, 1, 1 << 20));
+    // A quarter each, so that one client's fragments (or one's attack) cannot take the egress table from all.
+    settings.fragments.max_scope_entries = std::max<size_t>(1, settings.fragments.max_entries / 4);
     settings.fragments.max_bytes = static_cast<size_t>(NumberField(options, "fragmentBytes", 4 << 20, 65536, 1 << 30));
     settings.tun_mtu = static_cast<uint32_t>(NumberField(options, "tunMtu", 0, 0, 65535));
     if (settings.tun_mtu != 0 && settings.tun_mtu < 1280) throw Napi::RangeError::New(env, "\"tunMtu\" must be 0 or at least 1280");

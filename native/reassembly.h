@@ -23,7 +23,8 @@
 //                      (only the duplicate goes, as Linux does)
 //   fragmentTooBig     the datagram would exceed 65535 bytes (header included: one pump buffer), or has more
 //                      than kMaxPieces fragments
-//   fragmentTableFull  `max_entries` datagrams are in progress, or their bytes exceed `max_bytes`
+//   fragmentTableFull  `max_entries` datagrams are in progress, or `max_scope_entries` of one scope (so one
+//                      client cannot take the egress table from the others), or their bytes exceed `max_bytes`
 // Malformed fragments are refused with the parse verdicts of ip_packet.h (truncated, badHeader, badChecksum).
 //
 // Packets are hostile: every read is bounded by the fragment's real length and its own length fields.
@@ -157,6 +158,7 @@ struct Entry {
 struct Settings {
   int64_t timeout_ms = 5000;
   size_t max_entries = 1024;
+  size_t max_scope_entries = 256;
   size_t max_bytes = 4 << 20;          // Linux's ipfrag_high_thresh default
 };
 
@@ -216,9 +218,13 @@ class Reassembler {
       return Dropped(Drop::kTooBig, 1);
     }
     if (found == table_.end()) {
-      if (table_.size() >= settings_.max_entries || bytes_ + f.length + kPieceOverhead > settings_.max_bytes) {
+      size_t& in_scope = scopes_[scope];
+      if (table_.size() >= settings_.max_entries || in_scope >= settings_.max_scope_entries ||
+          bytes_ + f.length + kPieceOverhead > settings_.max_bytes) {
+        if (in_scope == 0) scopes_.erase(scope);
         return Dropped(Drop::kTableFull, 1);
       }
+      in_scope++;
       Entry entry;
       entry.created = now;
       entry.scope = scope;
@@ -267,8 +273,7 @@ class Reassembler {
     if (total > kMaxDatagram || total > capacity) return Kill(e, Drop::kTooBig, 0);
     int family = f.family;
     Entry done = std::move(e);
-    bytes_ -= done.cost;
-    table_.erase(found);
+    Erase(found);  // charges the bounds back from the moved-from entry, whose counters moved as copies
     size_t at_byte = done.header_length;
     for (const Entry::Piece& piece : done.pieces) {
       std::memcpy(out + at_byte, piece.bytes.data(), piece.bytes.size());
@@ -301,8 +306,7 @@ class Reassembler {
         continue;
       }
       if (!e.dead && !e.pieces.empty() && sink_) sink_(e.scope, Drop::kTimeout, e.pieces.size());
-      bytes_ -= e.cost;
-      it = table_.erase(it);
+      it = Erase(it);
     }
   }
 
@@ -310,8 +314,7 @@ class Reassembler {
   void Forget(uint32_t scope) {
     for (auto it = table_.begin(); it != table_.end();) {
       if (it->second.scope == scope) {
-        bytes_ -= it->second.cost;
-        it = table_.erase(it);
+        it = Erase(it);
       } else {
         ++it;
       }
@@ -336,6 +339,14 @@ class Reassembler {
     std::memcpy(k + 10, f.family == 4 ? f.header + 12 : f.header + 8, n);
     std::memcpy(k + 26, f.family == 4 ? f.header + 16 : f.header + 24, n);
     return key;
+  }
+
+  // Removes an entry with its share of the bounds.
+  std::map<Key, Entry>::iterator Erase(std::map<Key, Entry>::iterator it) {
+    bytes_ -= it->second.cost;
+    auto scope = scopes_.find(it->second.scope);
+    if (scope != scopes_.end() && --scope->second == 0) scopes_.erase(scope);
+    return table_.erase(it);
   }
 
   static Result Dropped(Drop drop, size_t count) {
@@ -365,6 +376,7 @@ class Reassembler {
   int64_t last_expire_ = 0;
   size_t bytes_ = 0;
   std::map<Key, Entry> table_;
+  std::map<uint32_t, size_t> scopes_;  // entries per scope
 };
 
 // Splits an IPv6 datagram (`data[0, length)`, a fixed 40-byte header then its payload, no extension headers

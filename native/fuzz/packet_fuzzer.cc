@@ -659,10 +659,11 @@ void FuzzReassembly(const uint8_t* input, size_t size) {
   Knobs knobs(nullptr, 0, Fnv(input, size) ^ 0x5eed);
 
   // a) The raw input as a fragment (hostile bytes: the parse must stay inside them), then again (a duplicate),
-  //    then moved on by 8 bytes (an overlap), in a table with small bounds; then everything times out.
+  //    again for another client, then moved on by 8 bytes (an overlap), in a table with small bounds; then
+  //    everything times out.
   {
     Ledger ledger;
-    fra::Reassembler r({1000, 4, 1 << 16}, [&](uint32_t, fra::Drop drop, size_t count) {
+    fra::Reassembler r({1000, 4, 2, 1 << 16}, [&](uint32_t, fra::Drop drop, size_t count) {
       FUZZ_CHECK(drop == fra::Drop::kTimeout);
       ledger.timed_out += count;
     });
@@ -678,7 +679,7 @@ void FuzzReassembly(const uint8_t* input, size_t size) {
       if (verdict == fip::Verdict::kOk) FUZZ_CHECK(parsed.data + parsed.length <= exact.get() + size && parsed.length > 0);
     }
     if (fragment) {
-      for (int round = 0; round < 2; round++) AddBooked(r, ledger, exact.get(), size, 1, 0, out.data());
+      for (uint32_t scope : {1u, 1u, 2u}) AddBooked(r, ledger, exact.get(), size, scope, 0, out.data());
       if (size >= 48) {
         Exact moved(input, size);
         uint8_t* word = moved.get()[0] >> 4 == 4 ? moved.get() + 6 : moved.get() + 42;
@@ -715,7 +716,7 @@ void FuzzReassembly(const uint8_t* input, size_t size) {
   bool duplicate = fragments.size() > 1 && (knobs.Byte() & 1) != 0;
   if (duplicate) fragments.insert(fragments.begin() + 1, fragments[0]);
   Ledger ledger;
-  fra::Reassembler r({5000, 1024, 4 << 20}, [&](uint32_t, fra::Drop, size_t count) { ledger.timed_out += count; });
+  fra::Reassembler r({5000, 1024, 256, 4 << 20}, [&](uint32_t, fra::Drop, size_t count) { ledger.timed_out += count; });
   std::vector<uint8_t> slot(fra::kMaxDatagram);
   fra::Result last;
   for (size_t i = 0; i < fragments.size(); i++) {

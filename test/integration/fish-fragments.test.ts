@@ -10,7 +10,7 @@
 //   message with valid checksums.
 // - IPv6: the same, but Fish splits the datagram for the tun itself (the kernel never fragments forwarded IPv6).
 // - Big pings (ICMP echo with 2000 bytes) both families.
-// - Overlapping, incomplete and oversized fragments are dropped and counted, by reason.
+// - Overlapping, incomplete and oversized fragments, and those past the table's bound, are dropped and counted.
 import t from 'tap';
 import { createHash } from 'node:crypto';
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
@@ -185,6 +185,7 @@ t.test('fragments through the fish pump', { skip }, async (t) => {
     revalidateAfterMs: 5000,
     verifyChecksums: true,
     fragmentTimeoutMs: FRAGMENT_TIMEOUT_MS,
+    fragmentEntries: 8,
   });
   await call('addRegistration', { rid: 1, egress4: E, egress6: E6, portLo: LO, portHi: HI, protocols: { tcp: true, udp: true, icmp: true }, maxMappings: 0 });
 
@@ -296,7 +297,7 @@ t.test('fragments through the fish pump', { skip }, async (t) => {
     t.notOk(originLog.includes(sha(bytes(3000, 7))), 'the origin never saw it');
   });
 
-  await t.test('an incomplete datagram times out and is counted; an oversized one is refused', async (t) => {
+  await t.test('incomplete datagrams time out, a full table and an oversized datagram refuse, each counted', async (t) => {
     const before = await drops();
     const whole = udpPacket({ src: CLIENT, dst: ORIGIN, sport: 5200, dport: 9000, payload: bytes(3000, 9) });
     const [first, second] = fragmentIpv4(whole, 1256, 0x7171);
@@ -305,6 +306,16 @@ t.test('fragments through the fish pump', { skip }, async (t) => {
     const started = Date.now();
     await until('the timeout', async () => ((await drops()).fragmentTimeout ?? 0) - (before.fragmentTimeout ?? 0) === 2, FRAGMENT_TIMEOUT_MS + 3000);
     t.ok(Date.now() - started >= FRAGMENT_TIMEOUT_MS - 50, `not before the timeout (${Date.now() - started} ms)`);
+
+    // A registration may hold a quarter of fragmentEntries (8) datagrams at once: the third is refused.
+    const heldBefore = await drops();
+    for (const id of [0x7401, 0x7402, 0x7403]) {
+      client.send(fragmentIpv4(udpPacket({ src: CLIENT, dst: ORIGIN, sport: 5202, dport: 9000, payload: bytes(3000, id) }), 1256, id)[0]!, []);
+    }
+    await until('the table-full drop', async () => ((await drops()).fragmentTableFull ?? 0) - (heldBefore.fragmentTableFull ?? 0) === 1);
+    t.pass('counted as fragmentTableFull');
+    await until('the two held to time out', async () => ((await drops()).fragmentTimeout ?? 0) - (heldBefore.fragmentTimeout ?? 0) === 2, FRAGMENT_TIMEOUT_MS + 3000);
+    t.pass('and the two held then time out');
 
     // A fragment ending past 65535 bytes.
     const far = Buffer.from(first!);
