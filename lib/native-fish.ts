@@ -29,6 +29,23 @@ export interface FishPumpOptions {
   revalidateAfterMs: number;
   /** Verify IPv4 header and L4 checksums of client packets, so corrupt ones are counted rather than forwarded. */
   verifyChecksums: boolean;
+  /**
+   * Fragments are reassembled (per registration on egress, from the tun on return) and the whole datagram is
+   * NATed. A datagram not complete this long after its first fragment is dropped (`fragmentTimeout`). 5000.
+   */
+  fragmentTimeoutMs?: number;
+  /**
+   * Datagrams in reassembly at once, per direction (a quarter of it per registration); past it
+   * `fragmentTableFull`. 1024.
+   */
+  fragmentEntries?: number;
+  /** Bytes held for reassembly, per direction; past it `fragmentTableFull`. 4 MiB. */
+  fragmentBytes?: number;
+  /**
+   * The MTU reassembled IPv6 datagrams are split for on their way into the tun (the kernel never fragments
+   * forwarded IPv6); 0 or absent: the tun device's MTU, read again every second.
+   */
+  tunMtu?: number;
 }
 
 /** One registration as the pump knows it. The pump borrows `fd` until `removeRegistration` or `closed`. */
@@ -109,7 +126,10 @@ export interface FishRegistrationStats {
   reserved: number;
   collisions: number;
   exhausted: number;
-  /** Client packets dropped, by reason (truncated, badChecksum, fragment, protocol, icmpError, full...). */
+  /**
+   * Client packets dropped, by reason (truncated, badChecksum, protocol, icmpError, full...; fragments given up
+   * in reassembly: fragmentTimeout, fragmentOverlap, fragmentTooBig, fragmentTableFull, one per fragment).
+   */
   drops: Record<string, number>;
 }
 

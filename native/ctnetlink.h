@@ -10,6 +10,7 @@
 // lengths are unpadded, payloads padded to 4.
 #pragma once
 
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -211,7 +212,8 @@ inline void ReadAnswer(const uint8_t* data, size_t size, uint32_t seq, Answer* a
         int32_t error;
         std::memcpy(&error, data + at + 16, 4);
         answer->acked = true;
-        answer->error = error < 0 ? -error : error;
+        // -INT32_MIN overflows; no errno is that large, so such an answer is a protocol error.
+        answer->error = error == INT32_MIN ? EPROTO : error < 0 ? -error : error;
       } else if (type == kMsgNew && length >= 20) {
         // nlmsghdr (16) + nfgenmsg (4), then top-level attributes.
         size_t attr = at + 20;

@@ -5,39 +5,51 @@
 // netlink(7), poll(2), getrandom(2). Recipe: notes/fish-kernel.md §1, §4-7, §9 (revalidation).
 //
 // A packet's life:
-//   egress  recvmmsg(registration) -> parse -> mapping (rid, proto, family, client, cport, dst, dport): found
+//   egress  recvmmsg(registration) -> parse (fragments: reassembled per registration first, native/reassembly.h)
+//           -> mapping (rid, proto, family, client, cport, dst, dport): found
 //           (revalidated with CT_GET when idle), or made: a port of the slice probed from a hash of the key,
 //           reserved with an exclusive ctnetlink create (EEXIST: someone else holds that tuple, try the next)
-//           -> source rewritten to E:eport (fresh IPv4 ID when DF=0, MSS clamp on SYN) -> write(tun).
-//   return  read(tun) -> parse -> reverse mapping (proto, family, E, eport, remote, rport), for an ICMP error
-//           by the tuple it quotes -> destination rewritten to the client (MSS clamp on SYN-ACK) -> send() on
-//           the registration's socket (sendmmsg per run of one registration's packets), dropped when that
-//           socket is full (the client's stack retransmits).
+//           -> source rewritten to E:eport (fresh IPv4 ID when DF=0, MSS clamp on SYN) -> write(tun): whole,
+//           also a reassembled IPv4 datagram (the kernel re-fragments forwarded IPv4 when DF=0), but a
+//           reassembled IPv6 one larger than the tun's MTU is split here with a fresh identification (the
+//           kernel never fragments forwarded IPv6).
+//   return  read(tun) -> parse (fragments: reassembled first; with conntrack the host defragments and
+//           re-fragments to the original sizes before fish0, so they come both ways) -> reverse mapping
+//           (proto, family, E, eport, remote, rport), for an ICMP error by the tuple it quotes -> destination
+//           rewritten to the client (MSS clamp on SYN-ACK) -> send() on the registration's socket (sendmmsg
+//           per run of one registration's packets), dropped when that socket is full (the client's stack
+//           retransmits).
 // Reservations are made synchronously on this thread: a ctnetlink round trip is microseconds, and a new flow's
 // first packet must not reach the kernel before its tuple is reserved (notes §8: without it host NAT or a
 // clash at confirm breaks the flow). No lock is taken on the data path: JS calls run here through CommandQueue.
 //
 // Ownership: the pump borrows the tun and every registration's socket and never closes them (JS owns every fd
-// it knows of); it owns its epoll fd and its ctnetlink socket.
+// it knows of); it owns its epoll fd, its ctnetlink socket and a datagram socket for SIOCGIFMTU.
 //
 // Drop counters (stable names, for metrics):
-//   per registration  the parse verdicts of ip_packet.h (truncated, badVersion, badHeader, fragment, protocol,
-//                     badChecksum, icmpError, extensionHeader); family (no egress address of that family);
+//   per registration  the parse verdicts of ip_packet.h (truncated, badVersion, badHeader, fragment (now only an
+//                     ICMP error quoting a non-first fragment), protocol, badChecksum, icmpError,
+//                     extensionHeader); the reassembler's fragmentTimeout, fragmentOverlap, fragmentTooBig,
+//                     fragmentTableFull (per fragment, native/reassembly.h); family (no egress address of that
+//                     family);
 //                     denied (protocol not allowed; the client is refused); noMapping (a TCP segment other than
 //                     a SYN for no mapping); exhausted (a new flow refused: also counted in `exhausted`);
 //                     remapped / revalidateFailed (revalidation moved a flow / got no usable answer);
 //                     conntrackTimeout / conntrackOverrun (the ctnetlink socket); tunFull / tunError (write);
 //                     full / sendError (the registration's socket refused a reply or a refusal).
-//   returnDrops       the parse verdicts, unmapped (no mapping for the tuple), noRegistration (a mapping
-//                     installed by addMappings whose registration is not there).
+//   returnDrops       the parse verdicts and the reassembler's, unmapped (no mapping for the tuple),
+//                     noRegistration (a mapping installed by addMappings whose registration is not there).
 #include "fish_pump.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <linux/if_tun.h>
 #include <linux/netlink.h>
+#include <net/if.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -63,6 +75,7 @@
 #include "fd.h"
 #include "ip_packet.h"
 #include "js_fields.h"
+#include "reassembly.h"
 #include "uv_handle.h"
 
 namespace fdferry {
@@ -208,6 +221,10 @@ struct Settings {
   int64_t idle_timeout_ms[3] = {7440000, 300000, 30000};
   int64_t revalidate_after_ms = 5000;
   bool verify_checksums = true;
+  // Fragment reassembly bounds, per direction (egress: one table shared by the registrations, keyed by rid).
+  reassembly::Settings fragments;
+  // The tun's MTU for splitting IPv6; 0: read from the device (SIOCGIFMTU), again every kExpireEveryMs.
+  uint32_t tun_mtu = 0;
 };
 
 // One event for JS.
@@ -269,7 +286,17 @@ class PumpThread {
  public:
   PumpThread(std::shared_ptr<Shared> shared, Settings settings)
       : shared_(std::move(shared)), settings_(settings),
-        batch_(new uint8_t[kMmsg * kPacketBuffer]) {
+        batch_(new uint8_t[kMmsg * kPacketBuffer]),
+        assembled_(new uint8_t[kPacketBuffer]),
+        split_(new uint8_t[kPacketBuffer]),
+        egress_fragments_(settings.fragments,
+                          [this](uint32_t rid, reassembly::Drop drop, size_t count) {
+                            auto found = registrations_.find(static_cast<uint16_t>(rid));
+                            if (found != registrations_.end()) found->second->drops[reassembly::DropName(drop)] += count;
+                          }),
+        return_fragments_(settings.fragments, [this](uint32_t, reassembly::Drop drop, size_t count) {
+          return_drops_[reassembly::DropName(drop)] += count;
+        }) {
     epoll_fd_.reset(epoll_create1(EPOLL_CLOEXEC));
     if (!epoll_fd_.valid()) throw std::system_error(errno, std::generic_category(), "epoll_create1");
     // Created on the calling (JS) thread, so it lives in the daemon's network namespace: conntrack is per
@@ -286,6 +313,10 @@ class PumpThread {
     setsockopt(ct_fd_.get(), SOL_NETLINK, NETLINK_CAP_ACK, &one, sizeof one);
     if (getrandom(&secret_, sizeof secret_, GRND_NONBLOCK) != sizeof secret_) secret_ = Fnv(nullptr, 0) ^ static_cast<uint64_t>(WallMs());
     next_ip_id_ = static_cast<uint16_t>(secret_ >> 48);
+    next_ip6_id_ = static_cast<uint32_t>(secret_ >> 16);
+    // Only for SIOCGIFMTU on the tun's device; without it IPv6 is split for the minimum MTU, 1280.
+    ioctl_fd_.reset(socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+    RefreshTunMtu();
     seq_ = static_cast<uint32_t>(secret_);
     epoll_event event{};
     event.events = EPOLLIN;
@@ -433,10 +464,14 @@ class PumpThread {
       int64_t now = MonotonicMs();
       if (now >= next_tick) {
         ReportSuppressed(now);
+        // Incomplete datagrams time out even when no further fragment comes to notice it.
+        egress_fragments_.Expire(now);
+        return_fragments_.Expire(now);
         next_tick = now + kTickMs;
       }
       if (now >= next_expiry) {
         Expire(now);
+        RefreshTunMtu();
         next_expiry = now + kExpireEveryMs;
       }
     }
@@ -482,6 +517,7 @@ class PumpThread {
   void Forget(Registration* r) {
     Unwatch(r);
     r->closed = true;
+    egress_fragments_.Forget(r->rid);
     for (auto it = forward_.begin(); it != forward_.end();) {
       if (it->second->rid == r->rid) {
         reverse_.erase(it->second->reverse);
@@ -584,6 +620,17 @@ class PumpThread {
   void Egress(Registration* r, uint8_t* data, size_t size) {
     Packet p;
     Verdict verdict = ip::Parse(data, size, ip::Direction::kEgress, settings_.verify_checksums, &p);
+    bool reassembled = false;
+    if (verdict == Verdict::kFragment && reassembly::IsFragment(data, size)) {
+      // Held until its datagram is complete, which then takes the normal path as one packet.
+      reassembly::Result result = egress_fragments_.Add(data, size, r->rid, MonotonicMs(), settings_.verify_checksums,
+                                                        assembled_.get(), kPacketBuffer);
+      if (!Assembled(result, &r->drops)) return;
+      data = assembled_.get();
+      size = result.length;
+      reassembled = true;
+      verdict = ip::Parse(data, size, ip::Direction::kEgress, settings_.verify_checksums, &p);
+    }
     if (verdict != Verdict::kOk) {
       r->Drop(ip::VerdictName(verdict));
       return;
@@ -624,16 +671,64 @@ class PumpThread {
       packet::TcpSegment segment = p.AsTcp();
       packet::ClampMss(segment, static_cast<uint16_t>(p.family == 4 ? settings_.mss_clamp : settings_.mss_clamp - 20));
     }
-    ssize_t written = write(settings_.tun_fd, data, p.length);
-    if (written < 0) {
-      r->Drop(errno == EAGAIN || errno == ENOBUFS ? "tunFull" : "tunError");
-      return;
+    if (reassembled && p.family == 6 && p.length > tun_mtu_) {
+      if (!WriteSplit(r, data, p.length)) return;
+    } else {
+      ssize_t written = write(settings_.tun_fd, data, p.length);
+      if (written < 0) {
+        r->Drop(errno == EAGAIN || errno == ENOBUFS ? "tunFull" : "tunError");
+        return;
+      }
+      to_tun_++;
     }
     m->packets_out++;
     m->last_activity = now;
     r->packets_out++;
     r->bytes_out += p.length;
-    to_tun_++;
+  }
+
+  // What a fragment's Add means for the caller: true when `result` holds a complete datagram; otherwise the
+  // fragment was held (not a drop) or dropped and counted in `drops`.
+  static bool Assembled(const reassembly::Result& result, std::map<std::string, uint64_t>* drops) {
+    switch (result.outcome) {
+      case reassembly::Outcome::kComplete: return true;
+      case reassembly::Outcome::kHeld: return false;
+      case reassembly::Outcome::kInvalid: (*drops)[ip::VerdictName(result.verdict)]++; return false;
+      case reassembly::Outcome::kDropped: (*drops)[reassembly::DropName(result.drop)] += result.count; return false;
+    }
+    return false;
+  }
+
+  // A reassembled IPv6 datagram too big for the tun leaves as fragments of the tun's MTU with a fresh
+  // identification: the client's ID is only unique among its own datagrams, and the kernel never fragments
+  // forwarded IPv6 (it would answer the egress address with a packet-too-big). A failed write loses the
+  // datagram (its other fragments would only wait at the destination): false, counted.
+  bool WriteSplit(Registration* r, const uint8_t* data, size_t length) {
+    int err = 0;
+    reassembly::SplitIpv6(data, length, tun_mtu_, next_ip6_id_++, split_.get(), [&](const uint8_t* fragment, size_t size) {
+      if (err != 0) return;
+      if (write(settings_.tun_fd, fragment, size) < 0) {
+        err = errno;
+        return;
+      }
+      to_tun_++;
+    });
+    if (err != 0) r->Drop(err == EAGAIN || err == ENOBUFS ? "tunFull" : "tunError");
+    return err == 0;
+  }
+
+  // The MTU IPv6 datagrams are split for: the option, or the tun device's (it may change while Fish runs: the
+  // control plane sets it when it brings the link up), at least 1280.
+  void RefreshTunMtu() {
+    if (settings_.tun_mtu != 0) {
+      tun_mtu_ = settings_.tun_mtu;
+      return;
+    }
+    ifreq request{};
+    if (!ioctl_fd_.valid() || ioctl(settings_.tun_fd, TUNGETIFF, &request) < 0) return;
+    if (ioctl(ioctl_fd_.get(), SIOCGIFMTU, &request) == 0 && request.ifr_mtu >= 1280) {
+      tun_mtu_ = static_cast<size_t>(request.ifr_mtu);
+    }
   }
 
   // Picks and reserves an egress port for a new flow: ports of the slice in an order that starts at a keyed
@@ -891,6 +986,13 @@ class PumpThread {
     // Not verified: a tun without IFF_VNET_HDR hands out complete checksums (notes §5), and the kernel drops
     // what it finds corrupt before forwarding.
     Verdict verdict = ip::Parse(data, size, ip::Direction::kReturn, false, &p);
+    if (verdict == Verdict::kFragment && reassembly::IsFragment(data, size)) {
+      // Reassembled in place: the datagram replaces the fragment in its batch slot, ready for sendmmsg.
+      reassembly::Result result = return_fragments_.Add(data, size, 0, MonotonicMs(), false, data, kPacketBuffer);
+      if (!Assembled(result, &return_drops_)) return false;
+      size = result.length;
+      verdict = ip::Parse(data, size, ip::Direction::kReturn, false, &p);
+    }
     if (verdict != Verdict::kOk) {
       return_drops_[ip::VerdictName(verdict)]++;
       return false;
@@ -964,11 +1066,15 @@ class PumpThread {
   std::shared_ptr<Shared> shared_;
   Settings settings_;
   std::unique_ptr<uint8_t[]> batch_;
+  std::unique_ptr<uint8_t[]> assembled_;  // an egress datagram rebuilt from fragments
+  std::unique_ptr<uint8_t[]> split_;      // one IPv6 fragment being written
   mmsghdr batch_msgs_[kMmsg];
   iovec batch_iov_[kMmsg];
   Outgoing outgoing_[kMmsg];
   FileDescriptor epoll_fd_;
   FileDescriptor ct_fd_;
+  FileDescriptor ioctl_fd_;
+  size_t tun_mtu_ = 1280;
   Tag wake_tag_{Tag::kWake};
   Tag tun_tag_{Tag::kTun};
   bool tun_watched_ = false;
@@ -978,6 +1084,7 @@ class PumpThread {
   bool paused_ = false;
   uint64_t secret_ = 0;
   uint16_t next_ip_id_ = 0;
+  uint32_t next_ip6_id_ = 0;
   uint32_t seq_ = 0;
   uint64_t from_tun_ = 0, to_tun_ = 0;
   std::map<std::string, uint64_t> return_drops_;
@@ -986,6 +1093,9 @@ class PumpThread {
   std::unordered_map<Key, std::unique_ptr<Mapping>, KeyHash> forward_;
   std::unordered_map<Key, Mapping*, KeyHash> reverse_;
   std::unordered_map<uint16_t, uint32_t> counts_;
+  // After registrations_ and return_drops_, which their drop sinks count into.
+  reassembly::Reassembler egress_fragments_;
+  reassembly::Reassembler return_fragments_;
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1079,6 +1189,13 @@ class FishPump final : public Napi::ObjectWrap<FishPump>, public LoopResource {
     }
     settings.revalidate_after_ms = static_cast<int64_t>(NumberField(options, "revalidateAfterMs", 5000, 0, kMaxSafeInteger));
     settings.verify_checksums = options.Get("verifyChecksums").ToBoolean();
+    settings.fragments.timeout_ms = static_cast<int64_t>(NumberField(options, "fragmentTimeoutMs", 5000, 1, 600000));
+    settings.fragments.max_entries = static_cast<size_t>(NumberField(options, "fragmentEntries", 1024, 1, 1 << 20));
+    // A quarter each, so that one client's fragments (or one's attack) cannot take the egress table from all.
+    settings.fragments.max_scope_entries = std::max<size_t>(1, settings.fragments.max_entries / 4);
+    settings.fragments.max_bytes = static_cast<size_t>(NumberField(options, "fragmentBytes", 4 << 20, 65536, 1 << 30));
+    settings.tun_mtu = static_cast<uint32_t>(NumberField(options, "tunMtu", 0, 0, 65535));
+    if (settings.tun_mtu != 0 && settings.tun_mtu < 1280) throw Napi::RangeError::New(env, "\"tunMtu\" must be 0 or at least 1280");
 
     // The pump reads the tun until EAGAIN: a blocking tun would stall the thread. Read-modify-write, as the flag
     // lives on the open file description that JS shares.

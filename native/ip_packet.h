@@ -39,7 +39,8 @@ enum class Verdict {
   kTruncated,        // shorter than its headers, or than its own length fields say
   kBadVersion,       // neither IPv4 nor IPv6
   kBadHeader,        // IPv4 IHL < 5, TCP data offset < 5, a UDP length that disagrees with the IP length...
-  kFragment,         // any IPv4 or IPv6 fragment: not reassembled yet (notes §4), so it carries no ports
+  kFragment,         // an IPv4 or IPv6 fragment: the pump reassembles it (reassembly.h); an ICMP error quoting
+                     // a non-first fragment (no ports quoted) stays a drop
   kProtocol,         // not TCP, UDP, ICMP echo or a supported ICMP error (or not expected in this direction)
   kBadChecksum,      // IPv4 header or L4 checksum does not verify (only when verifying)
   kIcmpError,        // a client sent an ICMP error toward the network: Fish has no tuple to translate it by
@@ -210,8 +211,7 @@ inline Verdict Parse(uint8_t* data, size_t size, Direction direction, bool verif
     if (p.ip_header < 20) return Verdict::kBadHeader;
     p.length = Load16(data + 2);
     if (p.length < p.ip_header || p.length > size) return Verdict::kTruncated;
-    // Reassembly is a later slice (notes §4): until then every fragment is dropped and counted, first ones too,
-    // because forwarding a first fragment alone only wastes the destination's reassembly memory.
+    // Fragments carry no ports past the first: the caller reassembles them (reassembly.h) and parses the whole.
     uint16_t fragment = Load16(data + 6);
     if ((fragment & 0x2000) != 0 || (fragment & 0x1fff) != 0) return Verdict::kFragment;
     if (verify_checksums && Fold(SumBytes(data, p.ip_header)) != 0xffff) return Verdict::kBadChecksum;

@@ -1,5 +1,6 @@
 #!/bin/sh
-# Builds the libFuzzer target for native/packet.h, ip_packet.h and ctnetlink.h with ASan and UBSan (any UB aborts).
+# Builds the libFuzzer target for native/packet.h, ip_packet.h, reassembly.h and ctnetlink.h with ASan and UBSan
+# (any UB aborts).
 # Usage: native/fuzz/build.sh OUTPUT [extra clang++ flags...]
 # CXX overrides clang++. Needs clang++ and its sanitizer/libFuzzer runtimes (Debian 12: apt-get install clang libclang-rt-14-dev).
 set -eu

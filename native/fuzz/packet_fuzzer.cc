@@ -1,12 +1,13 @@
-// libFuzzer target for native/packet.h, native/ip_packet.h and native/ctnetlink.h: the parsers and the NAT
-// rewrites Bumblebee's and Fish's pumps apply to packets that come from other processes (hostile until parsed).
+// libFuzzer target for native/packet.h, native/ip_packet.h, native/reassembly.h and native/ctnetlink.h: the
+// parsers, the fragment reassembly and the NAT rewrites Bumblebee's and Fish's pumps apply to packets that come
+// from other processes (hostile until parsed).
 //
 // Build and run (native/fuzz/build.sh has the flags; test/integration/packet-fuzz.test.ts does both):
 //   native/fuzz/build.sh /tmp/packet_fuzzer
 //   /tmp/packet_fuzzer -max_len=4096 test/fuzz/packet-corpus          # fuzz (add a scratch dir first to keep finds)
 //   /tmp/packet_fuzzer test/fuzz/packet-crashes/crash-...               # replay one input
 //
-// Each input is used three times:
+// Each input is used four times:
 //  1. As a packet, exactly as a flow socket or the tun delivers it. ParseTcp must stay inside it (the copy has
 //     exactly the input's size, so ASan sees any read past it) and agree with itself with and without checksum
 //     verification. A parsed packet then goes through the pump's NAT both ways plus ClampMss, with addresses,
@@ -20,6 +21,9 @@
 //     verifying and the IPv4 header residue unchanged, and the replies Fish builds (admin-prohibited, RST) parse
 //     back with valid checksums. The ctnetlink encoder (native/ctnetlink.h) gets the parsed tuple, and its answer
 //     reader gets the raw input.
+//  4. As fragments (native/reassembly.h): the raw input as a hostile fragment, repeated and shifted into an
+//     overlap; and a parsed packet cut into fragments (IPv6: by SplitIpv6) and reassembled in a shuffled order,
+//     which must give the packet back. Every fragment is accounted for once (delivered, held, dropped, timed out).
 //
 // The property that matters: the incremental checksum updates (RFC 1624) give exactly what a full recomputation
 // gives, so a packet that verified before the rewrite verifies after it, and rewriting back restores it. Any
@@ -34,6 +38,7 @@
 #include "ctnetlink.h"
 #include "ip_packet.h"
 #include "packet.h"
+#include "reassembly.h"
 
 namespace {
 
@@ -603,11 +608,148 @@ void FuzzFish(const uint8_t* input, size_t size) {
   fct::ReadAnswer(raw.get(), size, size >= 12 ? static_cast<uint32_t>(input[8]) : 0, &answer);
 }
 
+// ---- 4. Fragment reassembly (native/reassembly.h) -------------------------------------------------------------
+
+namespace fra = fdferry::reassembly;
+
+// Every fragment given to a reassembler is accounted for exactly once: in a delivered datagram, held, dropped by
+// Add's result, or timed out through the sink.
+struct Ledger {
+  size_t added = 0, delivered = 0, dropped = 0, timed_out = 0;
+  void Check(const fra::Reassembler& r) const { FUZZ_CHECK(added == delivered + dropped + timed_out + r.held()); }
+};
+
+// Adds one fragment and books the outcome; `out` (kMaxDatagram bytes at least) may be the fragment's own buffer.
+fra::Result AddBooked(fra::Reassembler& r, Ledger& ledger, const uint8_t* data, size_t size, uint32_t scope, int64_t now,
+                      uint8_t* out) {
+  fra::Result result = r.Add(data, size, scope, now, false, out, fra::kMaxDatagram);
+  switch (result.outcome) {
+    case fra::Outcome::kInvalid: break;
+    case fra::Outcome::kHeld: ledger.added++; break;
+    case fra::Outcome::kDropped: ledger.added++; ledger.dropped += result.count; FUZZ_CHECK(result.count >= 1); break;
+    case fra::Outcome::kComplete:
+      ledger.added++;
+      ledger.delivered += result.count;
+      FUZZ_CHECK(result.length <= fra::kMaxDatagram && result.count >= 1);
+      break;
+  }
+  ledger.Check(r);
+  return result;
+}
+
+// Cuts a whole IPv4 packet into fragments of `chunk` payload bytes (a multiple of 8), DF and ID kept.
+std::vector<std::vector<uint8_t>> SplitIpv4(const fip::Packet& p, size_t chunk) {
+  std::vector<std::vector<uint8_t>> fragments;
+  size_t payload = p.length - p.ip_header;
+  for (size_t offset = 0; offset < payload; offset += chunk) {
+    size_t n = std::min(chunk, payload - offset);
+    std::vector<uint8_t> f(p.ip, p.ip + p.ip_header);
+    f.insert(f.end(), p.ip + p.ip_header + offset, p.ip + p.ip_header + offset + n);
+    pk::Store16(f.data() + 2, static_cast<uint16_t>(p.ip_header + n));
+    pk::Store16(f.data() + 6, static_cast<uint16_t>((p.ip[6] & 0x40) << 8 | (offset + n < payload ? 0x2000 : 0) | offset / 8));
+    pk::Store16(f.data() + 10, 0);
+    pk::Store16(f.data() + 10, static_cast<uint16_t>(~pk::Fold(pk::SumBytes(f.data(), p.ip_header))));
+    fragments.push_back(std::move(f));
+  }
+  return fragments;
+}
+
+void FuzzReassembly(const uint8_t* input, size_t size) {
+  std::vector<uint8_t> out(fra::kMaxDatagram);
+  Knobs knobs(nullptr, 0, Fnv(input, size) ^ 0x5eed);
+
+  // a) The raw input as a fragment (hostile bytes: the parse must stay inside them), then again (a duplicate),
+  //    again for another client, then moved on by 8 bytes (an overlap), in a table with small bounds; then
+  //    everything times out.
+  {
+    Ledger ledger;
+    fra::Reassembler r({1000, 4, 2, 1 << 16}, [&](uint32_t, fra::Drop drop, size_t count) {
+      FUZZ_CHECK(drop == fra::Drop::kTimeout);
+      ledger.timed_out += count;
+    });
+    Exact exact(input, size);
+    fip::Packet ignored;
+    bool fragment = fra::IsFragment(exact.get(), size);
+    // The pump hands a packet over when the parse says kFragment and IsFragment agrees: it is then an IPv4 or
+    // IPv6 fragment to ParseFragment too (which may still refuse it as malformed).
+    if (fragment && fip::Parse(exact.get(), size, fip::Direction::kReturn, false, &ignored) == fip::Verdict::kFragment) {
+      fra::Fragment parsed;
+      fip::Verdict verdict = fra::ParseFragment(exact.get(), size, false, &parsed);
+      FUZZ_CHECK(verdict != fip::Verdict::kBadVersion && verdict != fip::Verdict::kProtocol);
+      if (verdict == fip::Verdict::kOk) FUZZ_CHECK(parsed.data + parsed.length <= exact.get() + size && parsed.length > 0);
+    }
+    if (fragment) {
+      for (uint32_t scope : {1u, 1u, 2u}) AddBooked(r, ledger, exact.get(), size, scope, 0, out.data());
+      if (size >= 48) {
+        Exact moved(input, size);
+        uint8_t* word = moved.get()[0] >> 4 == 4 ? moved.get() + 6 : moved.get() + 42;
+        pk::Store16(word, static_cast<uint16_t>(Load16(word) + (moved.get()[0] >> 4 == 4 ? 1 : 8)));
+        AddBooked(r, ledger, moved.get(), size, 1, 10, out.data());
+      }
+      r.Expire(5000);
+      ledger.Check(r);
+      FUZZ_CHECK(r.entries() == 0 && r.bytes() == 0);
+    }
+  }
+
+  // b) A whole packet, cut into fragments, fed in an order of the fuzzer's choosing through one buffer that is
+  //    also the output: the datagram comes back as it was (IPv4: apart from the flags word and the header checksum,
+  //    which is then valid; IPv6 split by SplitIpv6: byte for byte).
+  Exact whole(input, size);
+  fip::Packet p;
+  if (fip::Parse(whole.get(), size, fip::Direction::kEgress, false, &p) != fip::Verdict::kOk) return;
+  bool verified = Verifies(p);
+  std::vector<std::vector<uint8_t>> fragments;
+  if (p.family == 4) {
+    fragments = SplitIpv4(p, 16 + 8 * static_cast<size_t>(knobs.Byte()));
+  } else {
+    std::vector<uint8_t> scratch(65536);
+    size_t mtu = 1280 + knobs.Word() % 2000;
+    size_t count = fra::SplitIpv6(p.ip, p.length, mtu, static_cast<uint32_t>(knobs.Word()) << 16 | knobs.Word(), scratch.data(),
+                                  [&](const uint8_t* fragment, size_t n) {
+                                    FUZZ_CHECK(n <= mtu);
+                                    fragments.emplace_back(fragment, fragment + n);
+                                  });
+    FUZZ_CHECK(count == fragments.size() && count >= 1);
+  }
+  for (size_t i = fragments.size(); i > 1; i--) std::swap(fragments[i - 1], fragments[knobs.Word() % i]);
+  bool duplicate = fragments.size() > 1 && (knobs.Byte() & 1) != 0;
+  if (duplicate) fragments.insert(fragments.begin() + 1, fragments[0]);
+  Ledger ledger;
+  fra::Reassembler r({5000, 1024, 256, 4 << 20}, [&](uint32_t, fra::Drop, size_t count) { ledger.timed_out += count; });
+  std::vector<uint8_t> slot(fra::kMaxDatagram);
+  fra::Result last;
+  for (size_t i = 0; i < fragments.size(); i++) {
+    std::memcpy(slot.data(), fragments[i].data(), fragments[i].size());
+    last = AddBooked(r, ledger, slot.data(), fragments[i].size(), 7, 0, slot.data());
+    if (fragments.size() - (duplicate ? 1 : 0) > fra::kMaxPieces) continue;
+    FUZZ_CHECK(last.outcome != fra::Outcome::kInvalid);
+    if (i + 1 < fragments.size()) FUZZ_CHECK(last.outcome != fra::Outcome::kComplete);
+  }
+  if (fragments.size() - (duplicate ? 1 : 0) > fra::kMaxPieces) return;
+  FUZZ_CHECK(last.outcome == fra::Outcome::kComplete && last.length == p.length);
+  FUZZ_CHECK(r.entries() == 0 && r.bytes() == 0 && ledger.dropped == (duplicate ? 1u : 0u));
+  if (p.family == 6) {
+    FUZZ_CHECK(std::memcmp(slot.data(), p.ip, p.length) == 0);
+  } else {
+    FUZZ_CHECK(std::memcmp(slot.data(), p.ip, 6) == 0 && std::memcmp(slot.data() + 8, p.ip + 8, 2) == 0);  // ID kept
+    FUZZ_CHECK(std::memcmp(slot.data() + 12, p.ip + 12, p.length - 12) == 0);
+    FUZZ_CHECK((slot[6] & 0xbf) == 0 && slot[7] == 0 && (slot[6] & 0x40) == (p.ip[6] & 0x40));
+    FUZZ_CHECK(pk::Fold(pk::SumBytes(slot.data(), p.ip_header)) == 0xffff);
+  }
+  Exact rebuilt(slot.data(), last.length);
+  fip::Packet again;
+  FUZZ_CHECK(fip::Parse(rebuilt.get(), last.length, fip::Direction::kEgress, false, &again) == fip::Verdict::kOk);
+  FUZZ_CHECK(again.kind == p.kind && again.length == p.length);
+  if (verified) FUZZ_CHECK(Verifies(again));
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FuzzPacket(data, size);
   FuzzSyn(data, size);
   FuzzFish(data, size);
+  FuzzReassembly(data, size);
   return 0;
 }

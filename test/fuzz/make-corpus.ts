@@ -7,7 +7,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { ACK, FIN, PSH, RST, SYN, icmpEchoPacket, icmpErrorPacket, mssOption, tcpPacket, udpPacket, type SegmentSpec } from '../helpers/packets.js';
+import { ACK, FIN, PSH, RST, SYN, fragmentIpv4, fragmentIpv6, icmpEchoPacket, icmpErrorPacket, mssOption, tcpPacket, udpPacket, type SegmentSpec } from '../helpers/packets.js';
 
 const out = path.join(path.dirname(fileURLToPath(import.meta.url)), 'packet-corpus');
 
@@ -181,6 +181,22 @@ files['frag-v4-last'] = client(v4, { flags: PSH | ACK, ack: 1, payload: request,
   files['icmp-v6-port-unreachable'] = icmpErrorPacket({ src: egress6.dst, dst: egress6.src, type: 1, code: 4, quote: udp6 });
   files['icmp-v6-packet-too-big'] = icmpErrorPacket({ src: '2001:db8:1::1', dst: egress6.src, type: 2, code: 0, rest: 1280, quote: tcp6 });
   files['icmp-v6-time-exceeded-echo'] = icmpErrorPacket({ src: '2001:db8:1::1', dst: egress6.src, type: 3, code: 0, quote: echo6 });
+}
+
+// Fragments Fish reassembles (native/reassembly.h): the first and last fragments of a UDP datagram per family,
+// and the whole datagrams, which the fuzzer splits and reassembles again in orders of its choosing.
+{
+  const payload = Buffer.from(Array.from({ length: 1400 }, (_, i) => (i * 7 + (i >> 8)) & 0xff));
+  const whole4 = udpPacket({ ...v4, sport: 5000, dport: 9000, payload });
+  const whole6 = udpPacket({ ...v6, sport: 5000, dport: 9000, payload });
+  const fragments4 = fragmentIpv4(whole4, 512);
+  const fragments6 = fragmentIpv6(whole6, 512);
+  files['udp-v4-1400'] = whole4;
+  files['udp-v6-1400'] = whole6;
+  files['frag-v4-udp-first'] = fragments4[0]!;
+  files['frag-v4-udp-last'] = fragments4[fragments4.length - 1]!;
+  files['frag-v6-udp-first'] = fragments6[0]!;
+  files['frag-v6-udp-last'] = fragments6[fragments6.length - 1]!;
 }
 
 fs.rmSync(out, { recursive: true, force: true });

@@ -332,3 +332,48 @@ export function icmpErrorPacket(spec: { src: string; dst: string; type: number; 
   icmp.writeUInt16BE(~sum(...covered) & 0xffff, 2);
   return Buffer.concat([ipHeader(v4 ? 4 : 6, v4 ? 1 : 58, src, dst, icmp.length), icmp]);
 }
+
+/**
+ * Splits a whole IPv4 packet into fragments (RFC 791 §3.2) of at most `payload` bytes of its payload each (a
+ * multiple of 8), DF cleared, MF on all but the last, identification `id`, header checksums fixed.
+ */
+export function fragmentIpv4(packet: Buffer, payload: number, id = 0x4242): Buffer[] {
+  const headerLength = (packet[0]! & 0x0f) * 4;
+  const total = packet.readUInt16BE(2);
+  const body = packet.subarray(headerLength, total);
+  const fragments: Buffer[] = [];
+  for (let offset = 0; offset < body.length; offset += payload) {
+    const chunk = body.subarray(offset, offset + payload);
+    const header = Buffer.from(packet.subarray(0, headerLength));
+    header.writeUInt16BE(headerLength + chunk.length, 2);
+    header.writeUInt16BE(id, 4);
+    const more = offset + chunk.length < body.length;
+    header.writeUInt16BE((more ? 0x2000 : 0) | (offset / 8), 6);
+    header.writeUInt16BE(0, 10);
+    header.writeUInt16BE(~sum(header) & 0xffff, 10);
+    fragments.push(Buffer.concat([header, chunk]));
+  }
+  return fragments;
+}
+
+/**
+ * Splits a whole IPv6 packet (no extension headers) into fragments with a Fragment header (RFC 8200 §4.5)
+ * carrying at most `payload` bytes (a multiple of 8) of its payload each, identification `id`.
+ */
+export function fragmentIpv6(packet: Buffer, payload: number, id = 0x42424242): Buffer[] {
+  const body = packet.subarray(40, 40 + packet.readUInt16BE(4));
+  const fragments: Buffer[] = [];
+  for (let offset = 0; offset < body.length; offset += payload) {
+    const chunk = body.subarray(offset, offset + payload);
+    const header = Buffer.from(packet.subarray(0, 40));
+    header.writeUInt16BE(8 + chunk.length, 4);
+    header[6] = 44;
+    const fragmentHeader = Buffer.alloc(8);
+    fragmentHeader[0] = packet[6]!;
+    const more = offset + chunk.length < body.length;
+    fragmentHeader.writeUInt16BE(offset | (more ? 1 : 0), 2);
+    fragmentHeader.writeUInt32BE(id >>> 0, 4);
+    fragments.push(Buffer.concat([header, fragmentHeader, chunk]));
+  }
+  return fragments;
+}
