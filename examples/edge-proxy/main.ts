@@ -18,9 +18,14 @@ import { createLogger } from '../../lib/log.js';
 import { loadNative } from '../../lib/native.js';
 import { EdgeProxy, type EdgeProxyOptions } from './proxy.js';
 
-// Installed first: Node exits on SIGHUP by default, and a restart must never look like a crash.
+// Installed first: Node exits on SIGHUP by default, and a restart must never look like a crash. SIGTERM and
+// SIGINT too: a stop that arrives while a successor is taking over must not kill it between commit and resume.
 let onHangup: () => void = () => undefined;
 process.on('SIGHUP', () => onHangup());
+let earlyStop: NodeJS.Signals | null = null;
+let onStopSignal: (signal: NodeJS.Signals) => void = (signal) => (earlyStop = signal);
+process.on('SIGTERM', (signal) => onStopSignal(signal));
+process.on('SIGINT', (signal) => onStopSignal(signal));
 
 const argv = await yargs(hideBin(process.argv))
   .scriptName('edge-proxy')
@@ -110,6 +115,8 @@ if (taken) {
 log.info({ owner: options.owner, registration: options.registration }, 'edge proxy running');
 
 let state: 'running' | 'handing-over' | 'stopping' = 'running';
+/** A stop asked for during a hand-over waits for its outcome: the paused on-ramp and its fds are the hand-over's until then. */
+let stopAfterHandOver: NodeJS.Signals | null = null;
 onHangup = () => {
   if (state !== 'running') return log.info(`SIGHUP while ${state}: ignored`);
   state = 'handing-over';
@@ -119,7 +126,13 @@ onHangup = () => {
       if (!report.ok) {
         state = 'running';
         log.warn({ failure: report.failure }, 'hand-over rolled back; still serving');
+        if (stopAfterHandOver) onStop(stopAfterHandOver);
         return;
+      }
+      // A stop asked for meanwhile is the successor's now (it holds everything): passed on to it by the pid it reported.
+      if (stopAfterHandOver && report.newPid) {
+        log.info({ newPid: report.newPid }, `stop requested during the hand-over, which succeeded: passing ${stopAfterHandOver} on to the successor`);
+        process.kill(report.newPid, stopAfterHandOver);
       }
       log.info({ newPid: report.newPid, totalMs: report.totalMs }, 'handed over; finishing flows in progress, then exiting');
       await proxy.finishAfterHandOver();
@@ -128,10 +141,12 @@ onHangup = () => {
     (error: unknown) => fail('the successor took over and then died', error),
   );
 };
-const onStop = (signal: NodeJS.Signals) => {
-  if (state === 'stopping') process.exit(1);
+function onStop(signal: NodeJS.Signals): void {
+  if (state === 'stopping' || stopAfterHandOver) process.exit(1);
   if (state === 'handing-over') {
-    log.info({ signal }, 'stop requested during a hand-over: stopping after it');
+    log.info({ signal }, 'stop requested during a hand-over: stopping after it, if it rolls back');
+    stopAfterHandOver = signal;
+    return;
   }
   state = 'stopping';
   log.info({ signal, stats: proxy.stats() }, 'stopping');
@@ -142,6 +157,6 @@ const onStop = (signal: NodeJS.Signals) => {
     },
     (error: unknown) => fail('stop failed', error),
   );
-};
-process.on('SIGTERM', onStop);
-process.on('SIGINT', onStop);
+}
+onStopSignal = onStop;
+if (earlyStop) onStop(earlyStop);
