@@ -83,8 +83,11 @@ export class EdgeProxy implements HandoffParticipant {
   readonly #binding: NativeBinding;
   readonly #log: Logger;
   readonly #options: EdgeProxyOptions;
+  /** Splicer, with raw fds: the accepted socket comes from Bumblebee as an fd and goes on as one. */
   readonly splicer: SplicerClient<'fd'>;
+  /** Bumblebee, with raw fds (see `splicer`). */
   readonly bumblebee: BumblebeeClient<'fd'>;
+  /** Fish: one registration, the client's sink socket. */
   readonly fish: FishClient;
   #onramp: OnRamp | null = null;
   /** The client's tun, our end of the sink pair, and our copy of Fish's end (to register it again after a restart). */
