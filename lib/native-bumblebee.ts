@@ -201,6 +201,40 @@ export interface OnRampOptions {
    * socket carries all of the client's packets, as a Fish registration wants; it needs `sinkFd`.
    */
   demultiplexTcp?: boolean;
+  /**
+   * Flows to adopt, as a paused on-ramp's `pause()` gave them (a predecessor process's, for a hand-over):
+   * the loop starts relaying them at once. Their fds are the on-ramp's from the call on, even if it throws
+   * after checking them. Every fd must be a SOCK_SEQPACKET socket.
+   */
+  flows?: PausedOnRampFlow[];
+  /** The id the next new flow gets (a successor carries on its predecessor's numbering). */
+  nextFlowId?: number;
+}
+
+/** One flow of a paused on-ramp: our end of its packet socket and what the loop tracked of it. */
+export interface PausedOnRampFlow {
+  flowId: number;
+  /** The on-ramp's end of the flow's packet socket (Bumblebee holds the other end). */
+  fd: number;
+  tuple: FlowTuple;
+  /** Milliseconds since the flow's last packet, as of the pause (the idle timeout carries on from there). */
+  idleMs: number;
+  /** Milliseconds left of the close delay (FIN both ways or an RST seen); -1 while the flow is open. */
+  closeInMs: number;
+  finFromClient: boolean;
+  finFromServer: boolean;
+  rst: boolean;
+}
+
+/** What `pause()` hands out: everything needed to resume here or in another process. */
+export interface PausedOnRamp {
+  flows: PausedOnRampFlow[];
+  /**
+   * Flows whose Bumblebee end had been made but not yet delivered to `onFlows`: the caller owns their fds
+   * now, exactly as if they had been delivered (their on-ramp ends are in `flows`).
+   */
+  pending: OnRampFlow[];
+  nextFlowId: number;
 }
 
 /** On-ramp counters. */
@@ -226,6 +260,14 @@ export interface OnRampStats {
 /** The on-ramp demultiplexer (native/onramp.cc): a client tun split into one packet socket per TCP flow. */
 export interface OnRamp {
   stats(): OnRampStats;
+  /**
+   * Stops reading the tun, the sink and every flow, without closing anything, and hands out every flow
+   * (the caller owns their fds from here). Packets meanwhile wait in the kernel's queues. After it: `resume`
+   * (rollback), or `close` and a new on-ramp with `flows` in another process (hand-over).
+   */
+  pause(): PausedOnRamp;
+  /** Restarts a paused on-ramp with `paused.flows` (their fds are the on-ramp's again). */
+  resume(paused: Pick<PausedOnRamp, 'flows' | 'nextFlowId'>): void;
   close(): void;
 }
 

@@ -21,6 +21,11 @@
 //   ending         FIN seen both ways, or an RST either way, closes our end closeDelayMs later (the last ACKs
 //                  and a retransmitted FIN still pass meanwhile); an idle timeout, EOF or an error close it at
 //                  once. Closing our end is how Bumblebee learns that the flow is over (recv() == 0).
+//   pause/resume   pause() stops the thread without closing anything and hands out our end of every flow with
+//                  its tracking state (and the Bumblebee ends still in the outbox), so that an application can
+//                  hand its on-ramp to a successor process: the successor creates an on-ramp on the same tun with
+//                  `flows` (and `nextFlowId`) in its options, or resume() restarts this one (a rolled-back
+//                  hand-over). Packets that arrive meanwhile wait in the tun's queue and in the flow sockets.
 //
 // Threads and ownership
 // - The loop thread owns every flow and our end of every flow socket: only it touches them, so the data path
@@ -189,6 +194,19 @@ struct FlowRecord {
   uint16_t destination_port = 0;
 };
 
+// A flow taken off a paused loop, or given to a new one: our end and the tracking state, with times relative to
+// the moment of the pause (monotonic clocks need not be shared, and a relative age survives any clock).
+struct ExportedFlow {
+  uint64_t id = 0;
+  int fd = -1;
+  Tuple tuple;
+  int64_t idle_ms = 0;
+  int64_t close_in_ms = -1;  // -1: not closing
+  bool fin_from_client = false;
+  bool fin_from_server = false;
+  bool rst = false;
+};
+
 // What the JS object shares with the loop thread.
 struct OnRampShared {
   std::atomic<int64_t> flows{0};
@@ -257,14 +275,17 @@ class OnRampLoop {
  public:
   // Throws SetupError when epoll or eventfd cannot be created or the tun cannot be polled (not a pollable fd),
   // std::system_error when the thread cannot start.
-  OnRampLoop(std::shared_ptr<OnRampShared> shared, int tun_fd, const OnRampConfig& config)
+  // `initial` are flows adopted from a paused loop (ours or a predecessor's); their fds become this loop's.
+  OnRampLoop(std::shared_ptr<OnRampShared> shared, int tun_fd, const OnRampConfig& config,
+             std::vector<ExportedFlow> initial = {}, uint64_t next_id = 1)
       : shared_(std::move(shared)),
         tun_(tun_fd),
         sink_(config.sink_fd),
         demultiplex_tcp_(config.demultiplex_tcp),
         close_delay_ms_(config.close_delay_ms),
         idle_timeout_ms_(config.idle_timeout_ms),
-        buffer_(new uint8_t[kPacketBufferSize]) {
+        buffer_(new uint8_t[kPacketBufferSize]),
+        next_id_(next_id) {
     epoll_.reset(epoll_create1(EPOLL_CLOEXEC));
     if (!epoll_.valid()) throw SetupError{errno, "epoll_create1"};
     wake_.reset(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
@@ -293,6 +314,41 @@ class OnRampLoop {
       }
       sink_polled_ = true;
     }
+    // Adopted flows join before the thread exists, so touching flows_ here races with nothing. A flow whose fd
+    // cannot be polled is closed: its EOF tells Bumblebee the flow is over, which beats a flow nobody relays.
+    now_ = MonotonicMs();
+    for (ExportedFlow& exported : initial) {
+      auto flow = std::make_unique<Flow>();
+      flow->tuple = exported.tuple;
+      flow->reply = exported.tuple.Reversed();
+      flow->id = exported.id;
+      flow->fd = exported.fd;
+      flow->last_activity = now_ - exported.idle_ms;
+      flow->fin_from_client = exported.fin_from_client;
+      flow->fin_from_server = exported.fin_from_server;
+      flow->rst = exported.rst;
+      if (exported.close_in_ms >= 0) {
+        flow->closing = true;
+        flow->close_at = now_ + exported.close_in_ms;
+        pending_closes_++;
+      }
+      if (next_id_ <= flow->id) next_id_ = flow->id + 1;
+      if (SetNonblocking(flow->fd) < 0 || flows_.count(flow->tuple) != 0) {
+        if (flow->closing) pending_closes_--;
+        ::close(flow->fd);
+        continue;
+      }
+      epoll_event flow_event{};
+      flow_event.events = EPOLLIN;
+      flow_event.data.ptr = flow.get();
+      if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, flow->fd, &flow_event) < 0) {
+        if (flow->closing) pending_closes_--;
+        ::close(flow->fd);
+        continue;
+      }
+      flows_.emplace(flow->tuple, std::move(flow));
+      shared_->flows.fetch_add(1, std::memory_order_relaxed);
+    }
     // The thread starts with every signal blocked, so no process signal (SIGINT, SIGCHLD...) is ever delivered
     // to it: blocking them inside the thread would leave a window. The caller's mask is restored right after.
     sigset_t all, previous;
@@ -302,6 +358,10 @@ class OnRampLoop {
       thread_ = std::thread([this] { Run(); });
     } catch (...) {
       pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+      // The adopted flows are ours now: closing them ends them cleanly (EOF on the Bumblebee end).
+      for (auto& [tuple, flow] : flows_) ::close(flow->fd);
+      shared_->flows.fetch_sub(static_cast<int64_t>(flows_.size()));
+      flows_.clear();
       throw;
     }
     pthread_sigmask(SIG_SETMASK, &previous, nullptr);
@@ -315,6 +375,40 @@ class OnRampLoop {
   // Stops the loop and closes our end of every flow. Idempotent; only for the JS thread.
   void Stop() {
     if (!thread_.joinable()) return;
+    Join();
+  }
+
+  // Stops the loop without closing any flow and hands every flow out (their fds are the caller's from here).
+  // Only for the JS thread; after it the loop is finished (it cannot be restarted: make a new one).
+  std::vector<ExportedFlow> Export() {
+    std::vector<ExportedFlow> exported;
+    if (!thread_.joinable()) return exported;
+    export_.store(true, std::memory_order_release);
+    Join();
+    // Joined: the thread is gone, so flows_ is ours to read.
+    int64_t now = MonotonicMs();
+    for (auto& [tuple, flow] : flows_) {
+      ExportedFlow out;
+      out.id = flow->id;
+      out.fd = flow->fd;
+      out.tuple = flow->tuple;
+      out.idle_ms = std::max<int64_t>(0, now - flow->last_activity);
+      out.close_in_ms = flow->closing ? std::max<int64_t>(0, flow->close_at - now) : -1;
+      out.fin_from_client = flow->fin_from_client;
+      out.fin_from_server = flow->fin_from_server;
+      out.rst = flow->rst;
+      exported.push_back(out);
+    }
+    shared_->flows.fetch_sub(static_cast<int64_t>(flows_.size()));
+    flows_.clear();
+    return exported;
+  }
+
+  // The id the next new flow gets (read after Export, to carry on the numbering in a successor).
+  uint64_t next_id() const { return next_id_; }
+
+ private:
+  void Join() {
     stopping_.store(true, std::memory_order_release);
     uint64_t one = 1;
     ssize_t ignored = write(wake_.get(), &one, sizeof one);
@@ -322,7 +416,6 @@ class OnRampLoop {
     thread_.join();
   }
 
- private:
   void Run() {
     epoll_event events[256];
     int64_t next_tick = MonotonicMs() + kTimerTickMs;
@@ -354,12 +447,16 @@ class OnRampLoop {
       }
       graveyard_.clear();
     }
+    bool exporting = export_.load(std::memory_order_acquire);
     for (auto& [tuple, flow] : flows_) {
       epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, flow->fd, nullptr);
-      ::close(flow->fd);
+      // Exported flows stay open: Export() hands them out once the thread has been joined.
+      if (!exporting) ::close(flow->fd);
     }
-    shared_->flows.fetch_sub(static_cast<int64_t>(flows_.size()));
-    flows_.clear();
+    if (!exporting) {
+      shared_->flows.fetch_sub(static_cast<int64_t>(flows_.size()));
+      flows_.clear();
+    }
     graveyard_.clear();
     // The tun stays open (it is the caller's), so take it off our epoll set explicitly.
     if (tun_polled_) epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, tun_, nullptr);
@@ -647,13 +744,14 @@ class OnRampLoop {
   bool tun_polled_ = false;
   bool sink_polled_ = false;
   std::atomic<bool> stopping_{false};
+  std::atomic<bool> export_{false};  // stop without closing the flows (pause)
   std::thread thread_;
   // Touched only by the loop thread.
   std::unordered_map<Tuple, std::unique_ptr<Flow>, TupleHash> flows_;
   std::vector<std::unique_ptr<Flow>> graveyard_;
   int pending_closes_ = 0;
   int64_t now_ = MonotonicMs();
-  uint64_t next_id_ = 1;
+  uint64_t next_id_;
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -665,6 +763,8 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
     return ObjectWrap::DefineClass(env, "OnRamp",
                                    {
                                        InstanceMethod<&OnRamp::Stats>("stats"),
+                                       InstanceMethod<&OnRamp::Pause>("pause"),
+                                       InstanceMethod<&OnRamp::Resume>("resume"),
                                        InstanceMethod<&OnRamp::Close>("close"),
                                    });
   }
@@ -699,9 +799,17 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
       if (type != SOCK_SEQPACKET) throw Napi::TypeError::New(env, "\"sinkFd\" must be a SOCK_SEQPACKET socket");
       SetFlowSocketBuffers(config.sink_fd);
     }
+    // Flows adopted from a paused on-ramp (a predecessor's): parsed (and checked) before anything is taken.
+    std::vector<ExportedFlow> adopted;
+    uint64_t next_id = 1;
+    Napi::Value flows = options.Get("flows");
+    if (!flows.IsUndefined()) adopted = ParseFlows(env, flows);
+    next_id = static_cast<uint64_t>(NumberField(options, "nextFlowId", 1, 1, kMaxSafeInteger));
     // The tun is the caller's, but read(2) has no MSG_DONTWAIT: the loop needs it nonblocking.
     if (SetNonblocking(tun_fd) < 0) throw ErrnoException(env, errno, "fcntl");
     on_flows_ = Napi::Persistent(info[2].As<Napi::Function>());
+    tun_fd_ = tun_fd;
+    config_ = config;
 
     int status = notify_.Init(addon_.pendingCloses(),
                               [&](uv_async_t* handle) { return uv_async_init(addon_.loop(), handle, OnNotify); });
@@ -709,9 +817,10 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
     notify_.get()->data = this;
     shared_->notify = notify_.get();
     try {
-      loop_ = std::make_unique<OnRampLoop>(shared_, tun_fd, config);
+      loop_ = std::make_unique<OnRampLoop>(shared_, tun_fd, config, adopted, next_id);
     } catch (const SetupError& error) {
       notify_.Close();
+      // Not adopted (setup failed before): the flows are the caller's again, as on any throw.
       throw ErrnoException(env, error.err, error.syscall);
     } catch (const std::system_error& error) {
       notify_.Close();
@@ -757,6 +866,113 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
   // our ends are closed too and they would be dead on arrival.
   void Close(const Napi::CallbackInfo&) { CloseForTeardown(); }
 
+  // pause(): stops reading the tun, the sink and every flow, closes nothing, and returns
+  // {flows, pending, nextFlowId}: our end of every flow with its state, and the flows whose Bumblebee end
+  // had not been delivered yet (JS owns them now, as if delivered). Idempotent: paused again, nothing is left.
+  Napi::Value Pause(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (closed_) throw Napi::Error::New(env, "the on-ramp is closed");
+    std::vector<ExportedFlow> exported;
+    uint64_t next_id = next_id_after_pause_;
+    if (loop_) {
+      exported = loop_->Export();
+      next_id = loop_->next_id();
+      loop_.reset();
+      next_id_after_pause_ = next_id;
+    }
+    std::vector<FlowRecord> pending = shared_->TakeOutbox();
+    Napi::Object result = Napi::Object::New(env);
+    Napi::Array flows = Napi::Array::New(env, exported.size());
+    uint32_t index = 0;
+    for (const ExportedFlow& f : exported) {
+      Napi::Object tuple = Napi::Object::New(env);
+      tuple.Set("family", f.tuple.family);
+      tuple.Set("clientAddress", AddressString(f.tuple.family, f.tuple.src));
+      tuple.Set("clientPort", f.tuple.sport);
+      tuple.Set("destinationAddress", AddressString(f.tuple.family, f.tuple.dst));
+      tuple.Set("destinationPort", f.tuple.dport);
+      Napi::Object object = Napi::Object::New(env);
+      object.Set("flowId", static_cast<double>(f.id));
+      object.Set("fd", f.fd);
+      object.Set("tuple", tuple);
+      object.Set("idleMs", static_cast<double>(f.idle_ms));
+      object.Set("closeInMs", static_cast<double>(f.close_in_ms));
+      object.Set("finFromClient", f.fin_from_client);
+      object.Set("finFromServer", f.fin_from_server);
+      object.Set("rst", f.rst);
+      flows.Set(index++, object);
+    }
+    Napi::Array delivered = Napi::Array::New(env, pending.size());
+    index = 0;
+    for (const FlowRecord& f : pending) delivered.Set(index++, RecordObject(env, f));
+    result.Set("flows", flows);
+    result.Set("pending", delivered);
+    result.Set("nextFlowId", static_cast<double>(next_id));
+    return result;
+  }
+
+  // resume({flows, nextFlowId}): restarts a paused on-ramp with these flows (normally what pause() returned: a
+  // rolled-back hand-over). The flows' fds are the on-ramp's again.
+  void Resume(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (closed_) throw Napi::Error::New(env, "the on-ramp is closed");
+    if (loop_) throw Napi::Error::New(env, "the on-ramp is not paused");
+    if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "resume({flows, nextFlowId})");
+    Napi::Object paused = info[0].As<Napi::Object>();
+    std::vector<ExportedFlow> adopted = ParseFlows(env, paused.Get("flows"));
+    uint64_t next_id = static_cast<uint64_t>(NumberField(paused, "nextFlowId", static_cast<double>(next_id_after_pause_), 1, kMaxSafeInteger));
+    try {
+      loop_ = std::make_unique<OnRampLoop>(shared_, tun_fd_, config_, adopted, next_id);
+    } catch (const SetupError& error) {
+      throw ErrnoException(env, error.err, error.syscall);
+    } catch (const std::system_error& error) {
+      throw ErrnoException(env, error.code().value(), "pthread_create");
+    }
+  }
+
+  // Reads a `flows` list as pause() writes it; every fd must be a SOCK_SEQPACKET socket, so a wrong fd is refused
+  // before the loop would relay packets into it.
+  static std::vector<ExportedFlow> ParseFlows(Napi::Env env, Napi::Value value) {
+    if (!value.IsArray()) throw Napi::TypeError::New(env, "\"flows\" must be an array");
+    Napi::Array list = value.As<Napi::Array>();
+    std::vector<ExportedFlow> flows;
+    for (uint32_t i = 0; i < list.Length(); i++) {
+      Napi::Value item = list.Get(i);
+      if (!item.IsObject()) throw Napi::TypeError::New(env, "\"flows\" must hold objects");
+      Napi::Object object = item.As<Napi::Object>();
+      ExportedFlow flow;
+      flow.id = static_cast<uint64_t>(NumberField(object, "flowId", 0, 1, kMaxSafeInteger));
+      flow.fd = static_cast<int>(NumberField(object, "fd", -1, 0, 2147483647.0));
+      flow.idle_ms = static_cast<int64_t>(NumberField(object, "idleMs", 0, 0, kMaxSafeInteger));
+      flow.close_in_ms = static_cast<int64_t>(NumberField(object, "closeInMs", -1, -1, kMaxSafeInteger));
+      flow.fin_from_client = BoolField(object, "finFromClient", false);
+      flow.fin_from_server = BoolField(object, "finFromServer", false);
+      flow.rst = BoolField(object, "rst", false);
+      Napi::Value tupleValue = object.Get("tuple");
+      if (!tupleValue.IsObject()) throw Napi::TypeError::New(env, "a flow needs its \"tuple\"");
+      Napi::Object tuple = tupleValue.As<Napi::Object>();
+      int family = static_cast<int>(NumberField(tuple, "family", 0, 0, 6));
+      if (family != 4 && family != 6) throw Napi::RangeError::New(env, "\"family\" must be 4 or 6");
+      flow.tuple.family = static_cast<uint8_t>(family);
+      flow.tuple.sport = static_cast<uint16_t>(NumberField(tuple, "clientPort", 0, 0, 65535));
+      flow.tuple.dport = static_cast<uint16_t>(NumberField(tuple, "destinationPort", 0, 0, 65535));
+      const std::pair<const char*, uint8_t*> addresses[] = {{"clientAddress", flow.tuple.src}, {"destinationAddress", flow.tuple.dst}};
+      for (auto [name, target] : addresses) {
+        Napi::Value address = tuple.Get(name);
+        if (!address.IsString() || inet_pton(family == 4 ? AF_INET : AF_INET6, address.As<Napi::String>().Utf8Value().c_str(), target) != 1) {
+          throw Napi::TypeError::New(env, std::string("\"") + name + "\" must be an IPv" + std::to_string(family) + " address");
+        }
+      }
+      int type = 0;
+      socklen_t length = sizeof type;
+      if (getsockopt(flow.fd, SOL_SOCKET, SO_TYPE, &type, &length) < 0 || type != SOCK_SEQPACKET) {
+        throw Napi::TypeError::New(env, "flow " + std::to_string(flow.id) + ": \"fd\" must be a SOCK_SEQPACKET socket");
+      }
+      flows.push_back(flow);
+    }
+    return flows;
+  }
+
   // Stops the thread (closing our ends), then closes the other end of every flow JS has not received.
   void StopLoop() {
     if (loop_) loop_->Stop();
@@ -769,6 +985,21 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
     AtLoopBoundary(self->Env(), [self] { self->DeliverFlows(); });
   }
 
+  // A new flow as onFlows (and pause's `pending`) give it to JS.
+  static Napi::Object RecordObject(Napi::Env env, const FlowRecord& f) {
+    Napi::Object tuple = Napi::Object::New(env);
+    tuple.Set("family", f.family);
+    tuple.Set("clientAddress", f.client_address);
+    tuple.Set("clientPort", f.client_port);
+    tuple.Set("destinationAddress", f.destination_address);
+    tuple.Set("destinationPort", f.destination_port);
+    Napi::Object object = Napi::Object::New(env);
+    object.Set("flowId", static_cast<double>(f.id));
+    object.Set("fd", f.fd);
+    object.Set("tuple", tuple);
+    return object;
+  }
+
   void DeliverFlows() {
     if (closed_ || on_flows_.IsEmpty()) return;
     std::vector<FlowRecord> flows = shared_->TakeOutbox();
@@ -776,19 +1007,7 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
     Napi::Env env = Env();
     Napi::Array list = Napi::Array::New(env, flows.size());
     uint32_t index = 0;
-    for (const FlowRecord& f : flows) {
-      Napi::Object tuple = Napi::Object::New(env);
-      tuple.Set("family", f.family);
-      tuple.Set("clientAddress", f.client_address);
-      tuple.Set("clientPort", f.client_port);
-      tuple.Set("destinationAddress", f.destination_address);
-      tuple.Set("destinationPort", f.destination_port);
-      Napi::Object object = Napi::Object::New(env);
-      object.Set("flowId", static_cast<double>(f.id));
-      object.Set("fd", f.fd);
-      object.Set("tuple", tuple);
-      list.Set(index++, object);
-    }
+    for (const FlowRecord& f : flows) list.Set(index++, RecordObject(env, f));
     // From here the fds are JS's, even if the callback throws.
     CallIntoJs(env, async_context_, Value(), on_flows_.Value(), {list});
   }
@@ -797,8 +1016,11 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
   Napi::AsyncContext async_context_;
   Napi::FunctionReference on_flows_;
   std::shared_ptr<OnRampShared> shared_;
-  std::unique_ptr<OnRampLoop> loop_;
+  std::unique_ptr<OnRampLoop> loop_;  // null while paused
   UvHandle<uv_async_t> notify_;
+  int tun_fd_ = -1;  // borrowed, for resume()
+  OnRampConfig config_;
+  uint64_t next_id_after_pause_ = 1;
   bool closed_ = false;
 };
 

@@ -54,7 +54,11 @@ export interface HandoffReport {
 export interface PredecessorContext {
   binding: NativeBinding;
   log: Logger;
-  server: RpcServer;
+  /**
+   * The daemon's protocol server, paused and handed over with the tasks; null for an application that has
+   * none and hands over only its participant's state (see `handOver` in application.ts).
+   */
+  server: RpcServer | null;
   participant: HandoffParticipant;
   notifier: Notifier;
   service: string;
@@ -114,7 +118,7 @@ export class Predecessor {
       totalMs: 0,
       pauseMs: null,
       tasks: 0,
-      connections: server.connections().length,
+      connections: server?.connections().length ?? 0,
       fds: 0,
       bytesInFlight: 0,
     };
@@ -152,18 +156,20 @@ export class Predecessor {
       }
       phaseDone('hello');
 
-      try {
-        await Promise.race([server.pause(budget('pause')), abort]);
-      } catch (error) {
-        server.resume();
-        throw error instanceof HandoffError ? error : new HandoffError('pause', 'BUSY', (error as Error).message);
+      if (server) {
+        try {
+          await Promise.race([server.pause(budget('pause')), abort]);
+        } catch (error) {
+          server.resume();
+          throw error instanceof HandoffError ? error : new HandoffError('pause', 'BUSY', (error as Error).message);
+        }
       }
       const pausedAt = Date.now();
       const fds: number[] = [];
       // The service first: relays that end as they pause put their envelopes into the mailbox the server exports next.
       const exported = participant.pauseAndExport(fds);
       paused = true;
-      const serverState = server.exportState(fds);
+      const serverState = server ? server.exportState(fds) : null;
       report.tasks = exported.summary.tasks;
       report.bytesInFlight = exported.summary.bytesInFlight;
       report.fds = fds.length;
@@ -214,7 +220,7 @@ export class Predecessor {
       // The point of no return: from here the successor owns every fd we sent.
       this.#committed = true;
       participant.releaseExported();
-      server.releaseExported();
+      server?.releaseExported();
       phaseDone('commit');
 
       try {
@@ -269,6 +275,6 @@ export class Predecessor {
     // Dead before anything resumes here: the successor must never move a byte of a relay we resume.
     await this.#killAndWait(successorPid);
     if (paused) participant.resumeAfterRollback();
-    server.resume();
+    server?.resume();
   }
 }

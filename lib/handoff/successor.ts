@@ -104,8 +104,11 @@ export class Successor {
     }
   }
 
-  /** Says hello, receives and checks everything, adopts it paused, answers ready and waits for commit. */
-  async receive(server: RpcServer, participant: HandoffParticipant, timeoutMs: number, address?: string): Promise<Adopted> {
+  /**
+   * Says hello, receives and checks everything, adopts it paused, answers ready and waits for commit.
+   * `server` is null for an application without a protocol server (its predecessor sent none either).
+   */
+  async receive(server: RpcServer | null, participant: HandoffParticipant, timeoutMs: number, address?: string): Promise<Adopted> {
     const fault = this.#environment.fault;
     if (fault === 'crash-before-hello') process.exit(70);
     if (fault === 'hang-before-hello') await hang();
@@ -139,9 +142,15 @@ export class Successor {
       if (document.fdCount !== fds.length) {
         throw new ProtocolError('EFDFERRY_STATE', `the state names ${String(document.fdCount)} fds, ${fds.length} arrived`);
       }
-      const serverState = document.server as ExportedServerState;
-      this.#checkServerFds(serverState, fds);
-      const connectionIds = server.importState(serverState, fds, address);
+      const serverState = (document.server ?? null) as ExportedServerState | null;
+      if ((serverState === null) !== (server === null)) {
+        throw new ProtocolError('EFDFERRY_STATE', server ? 'the state carries no protocol server' : 'the state carries a protocol server, and this process has none');
+      }
+      let connectionIds = new Map<number, number>();
+      if (server && serverState) {
+        this.#checkServerFds(serverState, fds);
+        connectionIds = server.importState(serverState, fds, address);
+      }
       const summary = participant.importState(document.tasks as Record<string, unknown>, fds);
       adopted = {
         requester: (document.requester as Requester | null) ?? null,

@@ -61,6 +61,7 @@ export interface FishNamespace {
 
 /** A client namespace, its tun open (nonblocking once an on-ramp reads it) in this process. */
 export interface FishClient extends FishNamespace {
+  /** -1 when the topology was made with `openTun: false`. */
   tunFd: number;
 }
 
@@ -86,6 +87,11 @@ export interface FishTopology {
 export interface FishTopologyOptions {
   /** MTU of client tuns (default 1500). */
   clientMtu?: number;
+  /**
+   * Open each client's tun here (default true). False leaves it closed (`tunFd` -1) for a program that
+   * opens it itself, such as the example edge proxy: a single-queue tun takes one reader only.
+   */
+  openTun?: boolean;
 }
 
 /** Runs a command and returns its stdout; throws with its stderr on failure or after 20 s. */
@@ -211,7 +217,7 @@ export function addClient(topology: FishTopology, options: FishTopologyOptions =
   ipIn(name, 'link', 'set', CLIENT_TUN, 'up', 'mtu', String(options.clientMtu ?? 1500), 'txqueuelen', '10000');
   ipIn(name, 'route', 'add', 'default', 'dev', CLIENT_TUN);
   ipIn(name, '-6', 'route', 'add', '::/0', 'dev', CLIENT_TUN);
-  tunFd = topology.binding.openTunInNamespace(`/run/netns/${name}`, CLIENT_TUN);
+  if (options.openTun !== false) tunFd = topology.binding.openTunInNamespace(`/run/netns/${name}`, CLIENT_TUN);
   const client: FishClient = { name, tunFd, spawn: inner.spawner(name) };
   topology.clients.push(client);
   return client;
@@ -439,10 +445,10 @@ export interface CurlResult {
 }
 
 /** Downloads `url` with curl in `namespace`, hashing what arrives; killed at the deadline. */
-export async function curlIn(namespace: FishNamespace, url: string, options: { timeoutMs?: number } = {}): Promise<CurlResult> {
+export async function curlIn(namespace: FishNamespace, url: string, options: { timeoutMs?: number; args?: string[] } = {}): Promise<CurlResult> {
   const timeoutMs = options.timeoutMs ?? 60_000;
   // --max-time lets curl fail by itself first (a clean exit code); the kill is the backstop.
-  const child = namespace.spawn('curl', ['-sS', '-g', '--fail', '--max-time', String(Math.ceil(timeoutMs / 1000)), '-o', '-', url]);
+  const child = namespace.spawn('curl', ['-sS', '-g', '--fail', '--max-time', String(Math.ceil(timeoutMs / 1000)), ...(options.args ?? []), '-o', '-', url]);
   child.stdin!.end();
   const hash = crypto.createHash('sha256');
   let bytes = 0;
