@@ -330,8 +330,12 @@ interface Window {
   offeredPps: number;
   /** CPU of each role in percent of one CPU over the window; `others` is the machine's busy time minus theirs. */
   cpuPercent: Record<Role | 'others', number>;
-  /** CPU µs per counted packet: Fish's own, and the whole machine's. */
+  /**
+   * CPU µs per counted packet: Fish's own; ours (Fish + generator + drain + ksoftirqd: the whole path, since
+   * the kernel forwards inside the syscalls that inject packets); the whole machine's (other jobs included).
+   */
   fishUsPerPacket: number;
+  oursUsPerPacket: number;
   machineUsPerPacket: number;
   generatorErrors: number;
 }
@@ -365,6 +369,7 @@ async function timedWindow(
     offeredPps: (sent.sent / sent.elapsedMs) * 1000,
     cpuPercent,
     fishUsPerPacket: packetsCounted > 0 ? ((last.cpu.fish - first.cpu.fish) * 1e6) / packetsCounted : Number.NaN,
+    oursUsPerPacket: packetsCounted > 0 ? ((cpuPercent.machine - cpuPercent.others) / 100) * wall * 1e6 / packetsCounted : Number.NaN,
     machineUsPerPacket: packetsCounted > 0 ? ((last.cpu.machine - first.cpu.machine) * 1e6) / packetsCounted : Number.NaN,
     generatorErrors: sent.errors,
   };
@@ -504,6 +509,7 @@ function summarise(windows: Window[]) {
     maxPps: round(Math.max(...windows.map((w) => w.pps))),
     offeredPps: medianOf(windows.map((w) => w.offeredPps)),
     fishUsPerPacket: medianOf(windows.map((w) => w.fishUsPerPacket)),
+    oursUsPerPacket: medianOf(windows.map((w) => w.oursUsPerPacket)),
     machineUsPerPacket: medianOf(windows.map((w) => w.machineUsPerPacket)),
     cpuPercent: Object.fromEntries([...ROLES, 'others' as const].map((role) => [role, medianOf(windows.map((w) => w.cpuPercent[role]))])) as Record<Role | 'others', number>,
     generatorErrors: windows.reduce((total, w) => total + w.generatorErrors, 0),
@@ -610,6 +616,11 @@ export async function run(options: BenchOptions): Promise<Record<string, unknown
     returnRatio: round(ratio(fishReturn, pps('kernel', 'return')), 3),
     fishEgressCpuUsPerPacket: (systems.fish as { egress: { fishUsPerPacket: number } } | undefined)?.egress.fishUsPerPacket ?? Number.NaN,
     fishReturnCpuUsPerPacket: (systems.fish as { return: { fishUsPerPacket: number } } | undefined)?.return.fishUsPerPacket ?? Number.NaN,
+    pathCpuUsPerPacket: Object.fromEntries(
+      settings.systems.flatMap((system) =>
+        (['egress', 'return'] as const).map((direction) => [`${system}${direction[0]!.toUpperCase()}${direction.slice(1)}`, (systems[system] as Record<string, { oursUsPerPacket: number }>)[direction]!.oursUsPerPacket]),
+      ),
+    ),
     goal: { egressPps: GOAL_EGRESS_PPS, returnPps: GOAL_RETURN_PPS, egressMet: fishEgress >= GOAL_EGRESS_PPS, returnMet: fishReturn >= GOAL_RETURN_PPS },
     systems,
     elapsedS: round((performance.now() - started) / 1000, 3),
@@ -620,7 +631,7 @@ export function formatTable(result: Record<string, unknown>): string {
   const systems = result.systems as Record<string, { egress: ReturnType<typeof summarise>; return: ReturnType<typeof summarise> }>;
   const kpps = (value: number) => formatNumber(value / 1000);
   const percent = (value: number) => (Number.isFinite(value) ? `${formatNumber(value, 0)}%` : '–');
-  const rows: string[][] = [['system / direction', 'kpps (median)', 'min–max', 'offered kpps', 'Fish µs/pkt', 'machine µs/pkt', 'Fish CPU', 'generator', 'drain', 'ksoftirqd', 'others', 'machine']];
+  const rows: string[][] = [['system / direction', 'kpps (median)', 'min–max', 'offered kpps', 'Fish µs/pkt', 'path µs/pkt', 'machine µs/pkt', 'Fish CPU', 'generator', 'drain', 'ksoftirqd', 'others', 'machine']];
   for (const [name, figures] of Object.entries(systems)) {
     for (const direction of ['egress', 'return'] as const) {
       const w = figures[direction];
@@ -630,6 +641,7 @@ export function formatTable(result: Record<string, unknown>): string {
         `${kpps(w.minPps)}–${kpps(w.maxPps)}`,
         kpps(w.offeredPps),
         Number.isFinite(w.fishUsPerPacket) ? formatNumber(w.fishUsPerPacket, 2) : '–',
+        formatNumber(w.oursUsPerPacket, 2),
         formatNumber(w.machineUsPerPacket, 2),
         percent(w.cpuPercent.fish),
         percent(w.cpuPercent.generator),
@@ -649,6 +661,7 @@ export function formatTable(result: Record<string, unknown>): string {
   lines.push(`Fish / kernel SNAT: egress ${formatNumber(result.egressRatio as number, 2)}, return ${formatNumber(result.returnRatio as number, 2)}`);
   const goal = result.goal as { egressMet: boolean; returnMet: boolean };
   lines.push(`goal (notes §12): egress ${kpps(GOAL_EGRESS_PPS)} kpps ${goal.egressMet ? 'met' : 'missed'}, return ${kpps(GOAL_RETURN_PPS)} kpps ${goal.returnMet ? 'met' : 'missed'}`);
-  lines.push(`${result.runs as number} runs per system, medians; ${result.seconds as number} s windows; ${result.flows as number} flows; CPU in % of one CPU (2 = 200%)`);
+  lines.push(`${result.runs as number} runs per system, medians; ${result.seconds as number} s windows; ${result.flows as number} flows; net.unix.max_dgram_qlen ${result.unixQlen as number}`);
+  lines.push('CPU in % of one CPU (2 CPUs = 200%); path µs/pkt = Fish + generator + drain + ksoftirqd CPU per packet counted');
   return lines.join('\n');
 }
