@@ -26,7 +26,7 @@
  *
  * The generator (bench/lib/fish-blast.ts) is the same Node process for both: one `write(2)` per packet,
  * round-robin over the flows' prebuilt 64-byte-payload UDP packets (100.64.0.2:20000+i -> 198.51.100.2:9000),
- * blocking when the receiver is full. Its own ceiling is measured once, into a seqpacket pair whose other
+ * blocking when the receiver is full. Its own ceiling is measured once per run, into a seqpacket pair whose other
  * end only a drain reads.
  *
  * Per run: one packet per flow (mappings / conntrack entries appear), then
@@ -48,7 +48,7 @@ import { FishClient } from '../lib/client/fish.js';
 import { loadNative, type NativeBinding } from '../lib/native.js';
 import { RpcClient } from '../lib/rpc/client.js';
 import { udpPacket } from '../test/helpers/packets.js';
-import { alternate } from './lib/alternate.js';
+import { alternate, orderForRun } from './lib/alternate.js';
 import { formatNumber, textTable, type BenchOptions } from './lib/bench.js';
 import { newCleanups, type Cleanups } from './lib/bumblebee-netns.js';
 import { FISH_BENCH, fishBenchTopology, interfaceCounters, kernelMappedPorts, originSinkPackets, proxyNamespace, type FishBenchTopology } from './lib/fish-netns.js';
@@ -93,6 +93,8 @@ interface Settings {
   unixQlen: number;
   quietWaitMs: number;
   maxRepeats: number;
+  /** Length of each generator-ceiling measurement. */
+  ceilingMs: number;
 }
 
 function positiveInteger(name: string, text: string): number {
@@ -125,6 +127,7 @@ function readSettings(env: NodeJS.ProcessEnv, placement: Placement): Settings {
     unixQlen: env.FDFERRY_BENCH_UNIX_QLEN ? positiveInteger('FDFERRY_BENCH_UNIX_QLEN', env.FDFERRY_BENCH_UNIX_QLEN) : 512,
     quietWaitMs: quick ? 0 : QUIET_WAIT_MS,
     maxRepeats: quick ? 0 : MAX_REPEATS,
+    ceilingMs: quick ? 1000 : 2000,
   };
 }
 
@@ -497,6 +500,25 @@ async function runOnce(settings: Settings, binding: NativeBinding, system: Syste
   }
 }
 
+/**
+ * The generator alone, writing into a seqpacket pair (made like a registration's) whose other end only a
+ * drain reads; packets/s by its own count (a blocking socket: written = read, give or take the queue).
+ */
+async function generatorCeiling(settings: Settings, binding: NativeBinding, progress: (line: string) => void): Promise<number> {
+  const cleanups = newCleanups();
+  try {
+    const [a, b] = await pairInNamespace(cleanups, binding, proxyNamespace(cleanups, settings.unixQlen));
+    cleanups.add('ceiling pair', () => binding.closeAll([a, b]));
+    const generator = startBlast(cleanups, settings, 'write', [a]);
+    const drain = startBlast(cleanups, settings, 'drain', [b]);
+    await Promise.all([generator.next(30_000), drain.next(30_000)]);
+    const answer = await blast(generator, { fd: 3, packets: egressPackets(settings.flows), ms: settings.ceilingMs });
+    return (answer.sent / answer.elapsedMs) * 1000;
+  } finally {
+    await cleanups.run(progress);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // The benchmark
 
@@ -544,27 +566,16 @@ export async function run(options: BenchOptions): Promise<Record<string, unknown
   const started = performance.now();
   options.progress(`fish: ${settings.flows} flows, ${PAYLOAD_BYTES}-byte UDP payload, ${settings.seconds} s windows, ${options.runs} run(s) of ${settings.systems.join(', ')}`);
 
-  // The generator's ceiling, so that a reader can tell whether Fish or the generator limits the figures.
-  // The generator's own measurement: the window counts what it wrote, so this is a separate blast.
-  const ceilingRun = await (async () => {
-    const cleanups = newCleanups();
-    try {
-      const [a, b] = await pairInNamespace(cleanups, binding, proxyNamespace(cleanups, settings.unixQlen));
-      cleanups.add('ceiling pair', () => binding.closeAll([a, b]));
-      const generator = startBlast(cleanups, settings, 'write', [a]);
-      const drain = startBlast(cleanups, settings, 'drain', [b]);
-      await Promise.all([generator.next(30_000), drain.next(30_000)]);
-      const answer = await blast(generator, { fd: 3, packets: egressPackets(settings.flows), ms: settings.seconds * 1000 });
-      return (answer.sent / answer.elapsedMs) * 1000;
-    } finally {
-      await cleanups.run(options.progress);
-    }
-  })();
-  options.progress(`fish: generator ceiling (into a drained seqpacket pair) ${formatNumber(ceilingRun / 1000)} kpps`);
-
   const quietReadings: number[] = [];
   let repeats = 0;
+  const ceilings: number[] = [];
   const results = await alternate(settings.systems, options.runs, async (system, index) => {
+    // The generator's ceiling, once per run (before its first system), so that a reader can tell whether Fish
+    // or the generator limits the figures: measured under the same load as the runs around it.
+    if (system === orderForRun(settings.systems, index)[0]) {
+      ceilings.push(await generatorCeiling(settings, binding, options.progress));
+      options.progress(`fish: run ${index + 1} generator ceiling (into a drained seqpacket pair) ${formatNumber(ceilings.at(-1)! / 1000)} kpps`);
+    }
     let result: RunResult;
     for (let attempt = 0; ; attempt++) {
       // Other jobs share the 2 CPUs: give them a moment to calm down, and record how busy they were.
@@ -607,7 +618,8 @@ export async function run(options: BenchOptions): Promise<Record<string, unknown
     unixQlen: settings.unixQlen,
     repeatedRuns: repeats,
     othersBeforeRunsPercent: round(median(quietReadings), 3),
-    generatorCeilingPps: round(ceilingRun),
+    generatorCeilingPps: medianOf(ceilings),
+    generatorCeilingRunsPps: ceilings.map((value) => round(value)),
     fishEgressPps: fishEgress,
     fishReturnPps: fishReturn,
     kernelEgressPps: pps('kernel', 'egress'),

@@ -71,8 +71,9 @@ function addNamespace(cleanups: Cleanups, name: string): void {
 /** Opens a tun made in a namespace; its fd is closed at cleanup (before the namespace goes). */
 function openTun(cleanups: Cleanups, binding: NativeBinding, namespace: string, name: string): number {
   ipIn(namespace, 'tuntap', 'add', 'dev', name, 'mode', 'tun');
-  // A deep queue: the reader is a Node process that can be descheduled for a few ms at a time.
-  ipIn(namespace, 'link', 'set', name, 'up', 'txqueuelen', '10000');
+  // The default queue (txqueuelen 500), as Fish's fish0 has: neither system gets a deeper buffer against a
+  // descheduled reader than the other.
+  ipIn(namespace, 'link', 'set', name, 'up');
   const fd = binding.openTunInNamespace(`/run/netns/${namespace}`, name);
   cleanups.add(`tun ${name} fd ${fd}`, () => binding.closeAll([fd]));
   return fd;
