@@ -57,7 +57,9 @@ import { TSX_EXEC_ARGV, projectRoot, type Placement } from './lib/process.js';
 import { kernelRelease, machineBusySeconds, processCpu, sleep, waitForFile } from './lib/splicer-tools.js';
 import { median, ratio, round } from './lib/stats.js';
 
+/** One line for `npm run bench`'s list. */
 export const description = 'Fish vs kernel nftables SNAT: UDP packets/s egress and return (64-byte payload, 256 flows), CPU µs per packet, generator ceiling';
+/** Runs per system when `--runs` is not given: medians of five. */
 export const defaultRuns = 5;
 
 const SYSTEMS = ['fish', 'kernel'] as const;
@@ -429,7 +431,13 @@ async function runFish(settings: Settings, binding: NativeBinding, cleanups: Cle
 
   const [ours, theirs] = await pairInNamespace(cleanups, binding, proxyNamespace(cleanups, settings.unixQlen));
   cleanups.add('registration socket', () => binding.closeAll([ours]));
-  await client.register(theirs, { id: 1, egress4: FISH_BENCH.egress, ports: FISH_BENCH.ports, protocols: ['udp'] });
+  try {
+    await client.register(theirs, { id: 1, egress4: FISH_BENCH.egress, ports: FISH_BENCH.ports, protocols: ['udp'] });
+  } catch (error) {
+    // A refusal hands the socket back: ours to close.
+    binding.closeAll((error as { fds?: number[] }).fds ?? []);
+    throw error;
+  }
   const generator = startBlast(cleanups, settings, 'write', [ours, topology.originTunFd]);
   const drain = startBlast(cleanups, settings, 'drain', [ours]);
   await Promise.all([generator.next(30_000), drain.next(30_000)]);
@@ -558,6 +566,7 @@ function sumDrops(rows: RunResult[]): Record<string, number> {
   return totals;
 }
 
+/** Runs the benchmark (see the top of this file) and resolves with every figure, for the last stdout line. */
 export async function run(options: BenchOptions): Promise<Record<string, unknown>> {
   if (process.getuid?.() !== 0) throw new Error('the Fish benchmark needs root: network namespaces, tuns, nftables, conntrack');
   const settings = readSettings(process.env, options.placement);
@@ -639,10 +648,12 @@ export async function run(options: BenchOptions): Promise<Record<string, unknown
   };
 }
 
+/** The readable table of a {@link run} result (stdout without `--json`). */
 export function formatTable(result: Record<string, unknown>): string {
   const systems = result.systems as Record<string, { egress: ReturnType<typeof summarise>; return: ReturnType<typeof summarise> }>;
   const kpps = (value: number) => formatNumber(value / 1000);
-  const percent = (value: number) => (Number.isFinite(value) ? `${formatNumber(value, 0)}%` : '–');
+  // `others` is a difference of two clocks and can come out a hair below zero: shown as 0.
+  const percent = (value: number) => (Number.isFinite(value) ? `${formatNumber(Math.max(0, value), 0)}%` : '–');
   const rows: string[][] = [['system / direction', 'kpps (median)', 'min–max', 'offered kpps', 'Fish µs/pkt', 'path µs/pkt', 'machine µs/pkt', 'Fish CPU', 'generator', 'drain', 'ksoftirqd', 'others', 'machine']];
   for (const [name, figures] of Object.entries(systems)) {
     for (const direction of ['egress', 'return'] as const) {
