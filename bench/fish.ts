@@ -11,6 +11,8 @@
  *   FDFERRY_BENCH_SYSTEMS=a,b    of fish, kernel (default both)
  *   FDFERRY_BENCH_UNIX_QLEN=N    net.unix.max_dgram_qlen where the registration socket is made (default 512,
  *                                systemd's setting; the kernel's own default is 10)
+ *   FDFERRY_BENCH_FISH0_TXQLEN=N an experiment: set fish0's queue to N packets once Fish made it (default: leave
+ *                                Fish's, the tun default of 500)
  *
  * Topology: bench/lib/fish-netns.ts (notes/fish-kernel.md §10 without a client namespace), fresh for every
  * run of every system. Systems alternate from run to run (A B, B A, ...):
@@ -51,7 +53,7 @@ import { udpPacket } from '../test/helpers/packets.js';
 import { alternate, orderForRun } from './lib/alternate.js';
 import { formatNumber, textTable, type BenchOptions } from './lib/bench.js';
 import { newCleanups, type Cleanups } from './lib/bumblebee-netns.js';
-import { FISH_BENCH, fishBenchTopology, interfaceCounters, kernelMappedPorts, originSinkPackets, proxyNamespace, type FishBenchTopology } from './lib/fish-netns.js';
+import { FISH_BENCH, execIn, fishBenchTopology, interfaceCounters, kernelMappedPorts, originSinkPackets, proxyNamespace, type FishBenchTopology } from './lib/fish-netns.js';
 import { waitForQuiet } from './lib/handoff-stalls.js';
 import { TSX_EXEC_ARGV, projectRoot, type Placement } from './lib/process.js';
 import { kernelRelease, machineBusySeconds, processCpu, sleep, waitForFile } from './lib/splicer-tools.js';
@@ -97,6 +99,8 @@ interface Settings {
   maxRepeats: number;
   /** Length of each generator-ceiling measurement. */
   ceilingMs: number;
+  /** fish0's txqueuelen to set after Fish made it, or null to leave Fish's. */
+  fish0TxQueueLen: number | null;
 }
 
 function positiveInteger(name: string, text: string): number {
@@ -130,6 +134,7 @@ function readSettings(env: NodeJS.ProcessEnv, placement: Placement): Settings {
     quietWaitMs: quick ? 0 : QUIET_WAIT_MS,
     maxRepeats: quick ? 0 : MAX_REPEATS,
     ceilingMs: quick ? 1000 : 2000,
+    fish0TxQueueLen: env.FDFERRY_BENCH_FISH0_TXQLEN ? positiveInteger('FDFERRY_BENCH_FISH0_TXQLEN', env.FDFERRY_BENCH_FISH0_TXQLEN) : null,
   };
 }
 
@@ -438,6 +443,8 @@ async function runFish(settings: Settings, binding: NativeBinding, cleanups: Cle
     binding.closeAll((error as { fds?: number[] }).fds ?? []);
     throw error;
   }
+  // fish0 exists once Fish has started; a deeper queue lets replies wait for a descheduled pump.
+  if (settings.fish0TxQueueLen !== null) execIn(topology.host, 'ip', 'link', 'set', 'fish0', 'txqueuelen', String(settings.fish0TxQueueLen));
   const generator = startBlast(cleanups, settings, 'write', [ours, topology.originTunFd]);
   const drain = startBlast(cleanups, settings, 'drain', [ours]);
   await Promise.all([generator.next(30_000), drain.next(30_000)]);
@@ -625,6 +632,7 @@ export async function run(options: BenchOptions): Promise<Record<string, unknown
     payloadBytes: PAYLOAD_BYTES,
     placement: options.placement,
     unixQlen: settings.unixQlen,
+    fish0TxQueueLen: settings.fish0TxQueueLen,
     repeatedRuns: repeats,
     othersBeforeRunsPercent: round(median(quietReadings), 3),
     generatorCeilingPps: medianOf(ceilings),
