@@ -21,6 +21,7 @@ export const benchmarks = {
   handoff: () => import('./handoff.js'),
   fdstore: () => import('./fdstore.js'),
   bumblebee: () => import('./bumblebee.js'),
+  fish: () => import('./fish.js'),
 } satisfies Record<string, () => Promise<BenchModule>>;
 
 export type BenchmarkName = keyof typeof benchmarks;
