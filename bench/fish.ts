@@ -12,7 +12,7 @@
  *   FDFERRY_BENCH_UNIX_QLEN=N    net.unix.max_dgram_qlen where the registration socket is made (default 512,
  *                                systemd's setting; the kernel's own default is 10)
  *   FDFERRY_BENCH_FISH0_TXQLEN=N an experiment: set fish0's queue to N packets once Fish made it (default: leave
- *                                Fish's, the tun default of 500)
+ *                                Fish's, --tx-queue-length 10,000)
  *
  * Topology: bench/lib/fish-netns.ts (notes/fish-kernel.md §10 without a client namespace), fresh for every
  * run of every system. Systems alternate from run to run (A B, B A, ...):

@@ -71,9 +71,9 @@ function addNamespace(cleanups: Cleanups, name: string): void {
 /** Opens a tun made in a namespace; its fd is closed at cleanup (before the namespace goes). */
 function openTun(cleanups: Cleanups, binding: NativeBinding, namespace: string, name: string): number {
   ipIn(namespace, 'tuntap', 'add', 'dev', name, 'mode', 'tun');
-  // The default queue (txqueuelen 500), as Fish's fish0 has: neither system gets a deeper buffer against a
-  // descheduled reader than the other.
-  ipIn(namespace, 'link', 'set', name, 'up');
+  // The queue Fish gives fish0 by default (--tx-queue-length 10,000): neither system gets a deeper buffer
+  // against a descheduled reader than the other.
+  ipIn(namespace, 'link', 'set', name, 'up', 'txqueuelen', '10000');
   const fd = binding.openTunInNamespace(`/run/netns/${namespace}`, name);
   cleanups.add(`tun ${name} fd ${fd}`, () => binding.closeAll([fd]));
   return fd;

@@ -41,8 +41,8 @@ export const RTM = {
 
 /** `IFF_UP`. */
 export const IFF_UP = 0x1;
-/** `IFLA_MTU`, `IFLA_IFNAME`. */
-export const IFLA = { IFNAME: 3, MTU: 4 } as const;
+/** `IFLA_IFNAME`, `IFLA_MTU`, `IFLA_TXQLEN`. */
+export const IFLA = { IFNAME: 3, MTU: 4, TXQLEN: 13 } as const;
 /** Route attributes: `RTA_DST`, `RTA_OIF`, `RTA_TABLE`. */
 export const RTA = { DST: 1, OIF: 4, PRIORITY: 6, TABLE: 15 } as const;
 /** `RTPROT_STATIC`: what `ip route add` marks routes with; a delete with it matches only such routes. */
@@ -72,9 +72,12 @@ export const DUMP_FLAGS = NLM_F.REQUEST | NLM_F.DUMP;
  * RTM_NEWLINK on an existing device by index: sets IFF_UP (change mask IFF_UP, so no other flag moves) and,
  * when given, the MTU. Flags REQUEST|ACK: the device must exist.
  */
-export function linkSetUp(options: { seq: number; ifindex: number; mtu?: number }): Buffer {
+export function linkSetUp(options: { seq: number; ifindex: number; mtu?: number; txQueueLength?: number }): Buffer {
   const ifinfomsg = Buffer.concat([Buffer.from([0, 0]), host16(0), host32(options.ifindex), host32(IFF_UP), host32(IFF_UP)]);
-  const attributes = options.mtu === undefined ? [] : [attrU32(IFLA.MTU, options.mtu)];
+  const attributes = [
+    ...(options.mtu === undefined ? [] : [attrU32(IFLA.MTU, options.mtu)]),
+    ...(options.txQueueLength === undefined ? [] : [attrU32(IFLA.TXQLEN, options.txQueueLength)]),
+  ];
   return encodeMessage({ type: RTM.NEWLINK, flags: CHANGE_FLAGS, seq: options.seq }, ifinfomsg, attributes);
 }
 

@@ -27,6 +27,7 @@ export function fishOptions<T>(yargs: Argv<T>) {
     .option('max-mappings', { type: 'number', default: 65_536, describe: 'mappings a registration may hold unless it asks for fewer', group: 'Egress:' })
     .option('tun-name', { type: 'string', default: h.tunName, describe: 'the persistent tun Fish injects packets into and reads replies from', group: 'Host:' })
     .option('mtu', { type: 'number', default: h.mtu, describe: 'tun MTU: the largest client MTU (>= 1280)', group: 'Host:' })
+    .option('tx-queue-length', { type: 'number', default: h.txQueueLength, describe: 'the tun\'s txqueuelen: replies wait there for Fish (the kernel default 500 overflows in bursts)', group: 'Host:' })
     .option('route-table', { type: 'number', default: h.routeTable, describe: 'routing table whose default route is the tun (replies to slices are looked up there)', group: 'Host:' })
     .option('rule-priority', { type: 'number', default: h.rulePriority, describe: 'priority of the tcp/udp rules per slice; the icmp rules get the next one', group: 'Host:' })
     .option('keep-host-setup', { type: 'boolean', default: false, describe: 'on a clean stop keep the tun, rules, nftables table and reservations (for a restart that must keep ports)', group: 'Host:' })
@@ -61,11 +62,12 @@ export function parsePortRange(text: string, flag = 'port-range'): [number, numb
 }
 
 /** Converts parsed flags to host settings. */
-export function fishHostSettingsFrom(argv: Pick<FishArgv, 'tunName' | 'mtu' | 'routeTable' | 'rulePriority'>): FishHostSettings {
+export function fishHostSettingsFrom(argv: Pick<FishArgv, 'tunName' | 'mtu' | 'routeTable' | 'rulePriority'> & { txQueueLength?: number }): FishHostSettings {
   if (!/^[A-Za-z0-9_.-]{1,15}$/.test(argv.tunName)) throw new Error(`--tun-name must be 1 to 15 letters, digits, '_', '.' or '-', got ${argv.tunName}`);
   return {
     tunName: argv.tunName,
     mtu: integer('mtu', argv.mtu, h.mtu, 1280, 65_535),
+    txQueueLength: integer('tx-queue-length', argv.txQueueLength, h.txQueueLength, 1, 1 << 20),
     routeTable: integer('route-table', argv.routeTable, h.routeTable, 1, 0xfffffffe),
     // The kernel's own rules sit at 0, 32766 and 32767; Fish's must come before `main`.
     rulePriority: integer('rule-priority', argv.rulePriority, h.rulePriority, 1, 32_764),

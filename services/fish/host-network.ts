@@ -294,10 +294,10 @@ export class HostNetwork {
   }
 
   /** Sets the tun up with `mtu` (≥ 1280, or the kernel takes IPv6 off the device). */
-  bringUpTun(ifindex: number, mtu: number): void {
+  bringUpTun(ifindex: number, mtu: number, txQueueLength?: number): void {
     if (!Number.isInteger(mtu) || mtu < 1280 || mtu > 65535) throw new RangeError(`tun MTU ${mtu} must be 1280..65535`);
     try {
-      this.#socket().request((seq) => linkSetUp({ seq, ifindex, mtu }));
+      this.#socket().request((seq) => linkSetUp({ seq, ifindex, mtu, ...(txQueueLength === undefined ? {} : { txQueueLength }) }));
     } catch (error) {
       throw withContext(error, `Fish: setting tun ${ifindex} up with MTU ${mtu}`);
     }

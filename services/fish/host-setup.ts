@@ -15,13 +15,15 @@ import { HostNetwork } from './host-network.js';
 export interface FishHostSettings {
   tunName: string;
   mtu: number;
+  /** fish0's txqueuelen: replies queue there before Fish reads them; the default 500 overflows in bursts. */
+  txQueueLength: number;
   routeTable: number;
   rulePriority: number;
   markBase: number;
 }
 
 /** notes/fish-kernel.md §3: fish0, table 4242, rules at 100 (tcp/udp) and 101 (icmp). */
-export const DEFAULT_HOST_SETTINGS: Omit<FishHostSettings, 'markBase'> = { tunName: 'fish0', mtu: 1500, routeTable: 4242, rulePriority: 100 };
+export const DEFAULT_HOST_SETTINGS: Omit<FishHostSettings, 'markBase'> = { tunName: 'fish0', mtu: 1500, txQueueLength: 10_000, routeTable: 4242, rulePriority: 100 };
 
 const PROTOCOLS: Record<number, FishMapping['protocol']> = { 6: 'tcp', 17: 'udp', 1: 'icmp', 58: 'icmp' };
 
@@ -59,7 +61,7 @@ export function createFishHost(context: DaemonContext, settings: FishHostSetting
   let conntrack: NetlinkSocket | null = null;
   const ct = () => (conntrack ??= new NetlinkSocket(binding, NETLINK_NETFILTER));
   const routeTun = (ifindex: number) => {
-    network.bringUpTun(ifindex, settings.mtu);
+    network.bringUpTun(ifindex, settings.mtu, settings.txQueueLength);
     network.ensureRoutes(settings.routeTable, ifindex, families);
   };
 
