@@ -38,10 +38,7 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
-#include <pthread.h>
-#include <signal.h>
 #include <sys/epoll.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -53,20 +50,19 @@
 #include <cerrno>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <system_error>
-#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
+#include "engine_events.h"
+#include "engine_thread.h"
 #include "errors.h"
 #include "clock.h"
 #include "js_fields.h"
 #include "fd.h"
 #include "packet.h"
-#include "uv_handle.h"
 
 namespace fdferry {
 
@@ -199,27 +195,9 @@ struct OnRampShared {
   std::atomic<int64_t> packets_from_sink{0};
   std::atomic<bool> sink_eof{false};  // the sink's peer hung up, so reading it stopped
   std::array<std::atomic<int64_t>, kDropCount> drops{};
-  std::mutex outbox_mutex;
-  std::vector<FlowRecord> outbox;
-  uv_async_t* notify = nullptr;  // valid while the thread runs (it is joined before the handle is closed)
+  Outbox<FlowRecord> new_flows;
 
   void Count(Drop drop) { drops[drop].fetch_add(1, std::memory_order_relaxed); }
-
-  void Deliver(FlowRecord record) {
-    {
-      std::lock_guard<std::mutex> lock(outbox_mutex);
-      outbox.push_back(std::move(record));
-    }
-    // The one libuv call that is safe from another thread; many sends coalesce into one callback.
-    uv_async_send(notify);
-  }
-
-  std::vector<FlowRecord> TakeOutbox() {
-    std::vector<FlowRecord> taken;
-    std::lock_guard<std::mutex> lock(outbox_mutex);
-    taken.swap(outbox);
-    return taken;
-  }
 };
 
 struct Flow {
@@ -253,91 +231,59 @@ struct SetupError {
 // ---------------------------------------------------------------------------------------------------------------
 // OnRampLoop: the epoll thread and the flows it owns.
 
-class OnRampLoop {
+class OnRampLoop : public EngineThread {
  public:
-  // Throws SetupError when epoll or eventfd cannot be created or the tun cannot be polled (not a pollable fd),
-  // std::system_error when the thread cannot start.
+  // Throws SetupError when the tun or the sink cannot be polled (not a pollable fd), std::system_error when epoll
+  // or eventfd cannot be created or the thread cannot start. The command queue's eventfd (which only ever wakes
+  // the loop to stop it) is the registration whose data.ptr is nullptr.
   OnRampLoop(std::shared_ptr<OnRampShared> shared, int tun_fd, const OnRampConfig& config)
-      : shared_(std::move(shared)),
+      : EngineThread(nullptr),
+        shared_(std::move(shared)),
         tun_(tun_fd),
         sink_(config.sink_fd),
         demultiplex_tcp_(config.demultiplex_tcp),
         close_delay_ms_(config.close_delay_ms),
         idle_timeout_ms_(config.idle_timeout_ms),
         buffer_(new uint8_t[kPacketBufferSize]) {
-    epoll_.reset(epoll_create1(EPOLL_CLOEXEC));
-    if (!epoll_.valid()) throw SetupError{errno, "epoll_create1"};
-    wake_.reset(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
-    if (!wake_.valid()) throw SetupError{errno, "eventfd"};
+    // Level-triggered: a batch cap then simply leaves the rest for the next round, after the other fds.
     epoll_event event{};
     event.events = EPOLLIN;
-    event.data.ptr = nullptr;  // the wake-up eventfd
-    if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, wake_.get(), &event) < 0) {
-      throw SetupError{errno, "epoll_ctl"};
-    }
-    // Level-triggered: a batch cap then simply leaves the rest for the next round, after the other fds.
-    event.events = EPOLLIN;
     event.data.ptr = this;  // the tun
-    if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, tun_, &event) < 0) {
+    if (epoll_ctl(epoll_fd(), EPOLL_CTL_ADD, tun_, &event) < 0) {
       throw SetupError{errno, "epoll_ctl"};
     }
     tun_polled_ = true;
     if (sink_ >= 0) {
       event.events = EPOLLIN;
       event.data.ptr = &sink_;  // the sink: any address that is neither nullptr, this nor a Flow
-      if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, sink_, &event) < 0) {
+      if (epoll_ctl(epoll_fd(), EPOLL_CTL_ADD, sink_, &event) < 0) {
         int err = errno;
-        epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, tun_, nullptr);
+        epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, tun_, nullptr);
         tun_polled_ = false;
         throw SetupError{err, "epoll_ctl"};
       }
       sink_polled_ = true;
     }
-    // The thread starts with every signal blocked, so no process signal (SIGINT, SIGCHLD...) is ever delivered
-    // to it: blocking them inside the thread would leave a window. The caller's mask is restored right after.
-    sigset_t all, previous;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &previous);
-    try {
-      thread_ = std::thread([this] { Run(); });
-    } catch (...) {
-      pthread_sigmask(SIG_SETMASK, &previous, nullptr);
-      throw;
-    }
-    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+    Start([this] { Run(); });
   }
 
+  // Stop() (EngineThread) ends the loop, which closes our end of every flow as it leaves.
   ~OnRampLoop() { Stop(); }
-
-  OnRampLoop(const OnRampLoop&) = delete;
-  OnRampLoop& operator=(const OnRampLoop&) = delete;
-
-  // Stops the loop and closes our end of every flow. Idempotent; only for the JS thread.
-  void Stop() {
-    if (!thread_.joinable()) return;
-    stopping_.store(true, std::memory_order_release);
-    uint64_t one = 1;
-    ssize_t ignored = write(wake_.get(), &one, sizeof one);
-    (void)ignored;  // EAGAIN only at a counter of 2^64-1: the thread is awake then anyway
-    thread_.join();
-  }
 
  private:
   void Run() {
     epoll_event events[256];
     int64_t next_tick = MonotonicMs() + kTimerTickMs;
-    while (!stopping_.load(std::memory_order_acquire)) {
+    while (!stopping()) {
       int timeout = -1;
       if (Timed()) timeout = static_cast<int>(std::clamp<int64_t>(next_tick - MonotonicMs(), 0, kTimerTickMs));
-      int count = epoll_wait(epoll_.get(), events, 256, timeout);
+      int count = epoll_wait(epoll_fd(), events, 256, timeout);
       if (count < 0 && errno != EINTR) break;  // EBADF/EINVAL: our own epoll fd is broken; nothing to wait on
       now_ = MonotonicMs();
       for (int i = 0; i < count; i++) {
         void* tag = events[i].data.ptr;
         if (tag == nullptr) {
-          uint64_t counter;
-          ssize_t ignored = read(wake_.get(), &counter, sizeof counter);
-          (void)ignored;
+          RunCommands();
         } else if (tag == this) {
           ReadTun();
         } else if (tag == &sink_) {
@@ -355,14 +301,14 @@ class OnRampLoop {
       graveyard_.clear();
     }
     for (auto& [tuple, flow] : flows_) {
-      epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, flow->fd, nullptr);
+      epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, flow->fd, nullptr);
       ::close(flow->fd);
     }
     shared_->flows.fetch_sub(static_cast<int64_t>(flows_.size()));
     flows_.clear();
     graveyard_.clear();
     // The tun stays open (it is the caller's), so take it off our epoll set explicitly.
-    if (tun_polled_) epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, tun_, nullptr);
+    if (tun_polled_) epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, tun_, nullptr);
     tun_polled_ = false;
     // Likewise the sink, which is borrowed.
     StopSink();
@@ -380,7 +326,7 @@ class OnRampLoop {
         // EBADFD (the device was deleted) and the like do not heal, and level-triggered epoll would report
         // them forever: stop reading the tun. The flows keep running until they end or idle out.
         shared_->Count(kDropTunReadError);
-        epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, tun_, nullptr);
+        epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, tun_, nullptr);
         tun_polled_ = false;
         return;
       }
@@ -457,7 +403,7 @@ class OnRampLoop {
     epoll_event event{};
     event.events = EPOLLIN;  // EPOLLHUP and EPOLLERR are always reported
     event.data.ptr = flow.get();
-    if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, ours.get(), &event) < 0) {
+    if (epoll_ctl(epoll_fd(), EPOLL_CTL_ADD, ours.get(), &event) < 0) {
       shared_->Count(kDropFlowSetup);
       return;
     }
@@ -481,7 +427,7 @@ class OnRampLoop {
     flows_.emplace(tuple, std::move(flow));
     shared_->flows.fetch_add(1, std::memory_order_relaxed);
     shared_->flows_total.fetch_add(1, std::memory_order_relaxed);
-    shared_->Deliver(std::move(record));
+    shared_->new_flows.Push(std::move(record));
   }
 
   void OnFlowEvent(Flow* flow, uint32_t events) {
@@ -592,7 +538,7 @@ class OnRampLoop {
   // Stops reading the sink; it stays open (it is the caller's), and tun -> sink keeps trying (and counting).
   void StopSink() {
     if (!sink_polled_) return;
-    epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, sink_, nullptr);
+    epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, sink_, nullptr);
     sink_polled_ = false;
   }
 
@@ -624,7 +570,7 @@ class OnRampLoop {
     if (flow->closed) return;
     flow->closed = true;
     // Off epoll before close(2), so no later event can name it.
-    epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, flow->fd, nullptr);
+    epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, flow->fd, nullptr);
     ::close(flow->fd);
     flow->fd = -1;
     if (flow->closing) pending_closes_--;
@@ -642,12 +588,8 @@ class OnRampLoop {
   int64_t close_delay_ms_;
   int64_t idle_timeout_ms_;
   std::unique_ptr<uint8_t[]> buffer_;
-  FileDescriptor epoll_;
-  FileDescriptor wake_;
   bool tun_polled_ = false;
   bool sink_polled_ = false;
-  std::atomic<bool> stopping_{false};
-  std::thread thread_;
   // Touched only by the loop thread.
   std::unordered_map<Tuple, std::unique_ptr<Flow>, TupleHash> flows_;
   std::vector<std::unique_ptr<Flow>> graveyard_;
@@ -673,8 +615,8 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
   explicit OnRamp(const Napi::CallbackInfo& info)
       : ObjectWrap(info),
         addon_(Fdferry::Of(info.Env())),
-        async_context_(info.Env(), "fdferry:OnRamp", info.This().As<Napi::Object>()),
-        shared_(std::make_shared<OnRampShared>()) {
+        shared_(std::make_shared<OnRampShared>()),
+        events_(info.Env(), "fdferry:OnRamp", info.This().As<Napi::Object>()) {
     Napi::Env env = info.Env();
     if (info.Length() < 3 || !info[0].IsNumber() || !info[1].IsObject() || !info[2].IsFunction()) {
       throw Napi::TypeError::New(env, "createOnRamp(tunFd, options, onFlows)");
@@ -701,21 +643,16 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
     }
     // The tun is the caller's, but read(2) has no MSG_DONTWAIT: the loop needs it nonblocking.
     if (SetNonblocking(tun_fd) < 0) throw ErrnoException(env, errno, "fcntl");
-    on_flows_ = Napi::Persistent(info[2].As<Napi::Function>());
 
-    int status = notify_.Init(addon_.pendingCloses(),
-                              [&](uv_async_t* handle) { return uv_async_init(addon_.loop(), handle, OnNotify); });
-    if (status < 0) throw ErrnoException(env, -status, "uv_async_init");
-    notify_.get()->data = this;
-    shared_->notify = notify_.get();
+    events_.Open<OnRamp, &OnRamp::DeliverFlows>(addon_, shared_->new_flows, this, info[2].As<Napi::Function>());
     try {
       loop_ = std::make_unique<OnRampLoop>(shared_, tun_fd, config);
     } catch (const SetupError& error) {
-      notify_.Close();
+      events_.Close();
       throw ErrnoException(env, error.err, error.syscall);
     } catch (const std::system_error& error) {
-      notify_.Close();
-      throw ErrnoException(env, error.code().value(), "pthread_create");
+      events_.Close();
+      throw ErrnoException(env, error);
     }
     addon_.Register(static_cast<LoopResource*>(this));
     // Strong while running: new flows call back into this object from the loop.
@@ -728,10 +665,8 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
     if (closed_) return;
     closed_ = true;
     StopLoop();
-    // Joined before the handle closes: the thread may call uv_async_send until it has stopped.
-    notify_.Close();
+    events_.Close();  // empty: StopLoop has taken the outbox
     addon_.Unregister(static_cast<LoopResource*>(this));
-    on_flows_.Reset();
     Unref();
   }
 
@@ -761,44 +696,31 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
   void StopLoop() {
     if (loop_) loop_->Stop();
     loop_.reset();
-    for (FlowRecord& record : shared_->TakeOutbox()) ::close(record.fd);
+    for (FlowRecord& record : shared_->new_flows.Take()) ::close(record.fd);
   }
 
-  static void OnNotify(uv_async_t* handle) {
-    auto* self = static_cast<OnRamp*>(handle->data);
-    AtLoopBoundary(self->Env(), [self] { self->DeliverFlows(); });
-  }
+  // Once taken from the outbox the fds are JS's, even if the callback throws.
+  void DeliverFlows() { events_.Deliver(Value(), FlowObject); }
 
-  void DeliverFlows() {
-    if (closed_ || on_flows_.IsEmpty()) return;
-    std::vector<FlowRecord> flows = shared_->TakeOutbox();
-    if (flows.empty()) return;
-    Napi::Env env = Env();
-    Napi::Array list = Napi::Array::New(env, flows.size());
-    uint32_t index = 0;
-    for (const FlowRecord& f : flows) {
-      Napi::Object tuple = Napi::Object::New(env);
-      tuple.Set("family", f.family);
-      tuple.Set("clientAddress", f.client_address);
-      tuple.Set("clientPort", f.client_port);
-      tuple.Set("destinationAddress", f.destination_address);
-      tuple.Set("destinationPort", f.destination_port);
-      Napi::Object object = Napi::Object::New(env);
-      object.Set("flowId", static_cast<double>(f.id));
-      object.Set("fd", f.fd);
-      object.Set("tuple", tuple);
-      list.Set(index++, object);
-    }
-    // From here the fds are JS's, even if the callback throws.
-    CallIntoJs(env, async_context_, Value(), on_flows_.Value(), {list});
+  static Napi::Object FlowObject(Napi::Env env, const FlowRecord& f) {
+    Napi::Object tuple = Napi::Object::New(env);
+    tuple.Set("family", f.family);
+    tuple.Set("clientAddress", f.client_address);
+    tuple.Set("clientPort", f.client_port);
+    tuple.Set("destinationAddress", f.destination_address);
+    tuple.Set("destinationPort", f.destination_port);
+    Napi::Object object = Napi::Object::New(env);
+    object.Set("flowId", static_cast<double>(f.id));
+    object.Set("fd", f.fd);
+    object.Set("tuple", tuple);
+    return object;
   }
 
   Fdferry& addon_;
-  Napi::AsyncContext async_context_;
-  Napi::FunctionReference on_flows_;
   std::shared_ptr<OnRampShared> shared_;
+  EngineEvents<FlowRecord> events_;
+  // Stopped (joined) before events_ closes, in the order engine_events.h gives.
   std::unique_ptr<OnRampLoop> loop_;
-  UvHandle<uv_async_t> notify_;
   bool closed_ = false;
 };
 
