@@ -95,7 +95,6 @@ constexpr int64_t kExpireEveryMs = 1000;
 constexpr int64_t kExhaustedEventMs = 100;
 // A ctnetlink round trip takes microseconds; this only bounds a kernel that does not answer at all.
 constexpr int kConntrackTimeoutMs = 250;
-constexpr double kMaxSafeInteger = 9007199254740991.0;
 
 enum ProtocolIndex { kTcp = 0, kUdp = 1, kIcmp = 2 };
 const char* const kProtocolNames[] = {"tcp", "udp", "icmp"};
@@ -1054,14 +1053,6 @@ class PumpThread : public EngineThread {
 // ---------------------------------------------------------------------------------------------------------------
 // JS conversions.
 
-void AddressField(const Napi::Object& object, const char* name, int family, uint8_t* out) {
-  Napi::Value value = object.Get(name);
-  std::memset(out, 0, 16);
-  if (!value.IsString() || inet_pton(family == 4 ? AF_INET : AF_INET6, value.As<Napi::String>().Utf8Value().c_str(), out) != 1) {
-    throw Napi::TypeError::New(object.Env(), std::string("\"") + name + "\" must be an IPv" + std::to_string(family) + " address");
-  }
-}
-
 // A Record<FishProtocol, T> field; every protocol must be present.
 Napi::Object RecordField(const Napi::Object& object, const char* name) {
   Napi::Value value = object.Get(name);
@@ -1088,12 +1079,6 @@ Napi::Object MappingObject(Napi::Env env, const Mapping& m) {
   object.Set("destinationPort", m.dport);
   object.Set("egressAddress", AddressString(m.family, m.egress));
   object.Set("egressPort", m.eport);
-  return object;
-}
-
-Napi::Object DropsObject(Napi::Env env, const std::map<std::string, uint64_t>& drops) {
-  Napi::Object object = Napi::Object::New(env);
-  for (auto& [reason, count] : drops) object.Set(reason, static_cast<double>(count));
   return object;
 }
 
@@ -1152,11 +1137,7 @@ class FishPump final : public Napi::ObjectWrap<FishPump>, public LoopResource {
 
     // The pump reads the tun until EAGAIN: a blocking tun would stall the thread. Read-modify-write, as the flag
     // lives on the open file description that JS shares.
-    int flags = fcntl(settings.tun_fd, F_GETFL);
-    if (flags < 0) throw ErrnoException(env, errno, "fcntl");
-    if ((flags & O_NONBLOCK) == 0 && fcntl(settings.tun_fd, F_SETFL, flags | O_NONBLOCK) < 0) {
-      throw ErrnoException(env, errno, "fcntl");
-    }
+    if (MakeNonblocking(settings.tun_fd) < 0) throw ErrnoException(env, errno, "fcntl");
 
     events_.Open<FishPump, &FishPump::DeliverEvents>(addon_, *outbox_, this, info[1].As<Napi::Function>());
     try {
@@ -1399,9 +1380,7 @@ class FishPump final : public Napi::ObjectWrap<FishPump>, public LoopResource {
 };
 
 Napi::Value CreateFishPump(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  return Fdferry::Of(env).fishPumpClass.New({info.Length() > 0 ? info[0] : env.Undefined(),
-                                             info.Length() > 1 ? info[1] : env.Undefined()});
+  return Construct(Fdferry::Of(info.Env()).fishPumpClass, info, 2);
 }
 
 }  // namespace

@@ -85,7 +85,6 @@ constexpr int kSinkBatch = 256;
 constexpr int kTimerTickMs = 100;
 // Both ends of each flow socket (§6: the sender's sndbuf is the limit; the default holds about 93 packets).
 constexpr int kFlowSocketBuffer = 4 * 1024 * 1024;
-constexpr double kMaxSafeInteger = 9007199254740991.0;
 
 // Drop counters. The first six are the parser's verdicts, named by packet::VerdictName.
 enum Drop : size_t {
@@ -153,13 +152,6 @@ bool BoolField(const Napi::Object& object, const char* name, bool fallback) {
   if (value.IsUndefined()) return fallback;
   if (!value.IsBoolean()) throw Napi::TypeError::New(object.Env(), std::string("\"") + name + "\" must be a boolean");
   return value.As<Napi::Boolean>().Value();
-}
-
-int SetNonblocking(int fd) {
-  int flags = fcntl(fd, F_GETFL);
-  if (flags < 0) return -1;
-  if (flags & O_NONBLOCK) return 0;
-  return fcntl(fd, F_SETFL, flags | O_NONBLOCK);
 }
 
 // SO_*BUFFORCE needs CAP_NET_ADMIN; without it the plain options still raise the buffers up to the wmem_max /
@@ -392,7 +384,7 @@ class OnRampLoop : public EngineThread {
     SetFlowSocketBuffers(theirs.get());
     // Only our end is nonblocking: O_NONBLOCK lives on the open file description, and the other end goes to
     // another process, which decides for itself.
-    if (SetNonblocking(ours.get()) < 0) {
+    if (MakeNonblocking(ours.get()) < 0) {
       shared_->Count(kDropFlowSetup);
       return;
     }
@@ -642,7 +634,7 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
       SetFlowSocketBuffers(config.sink_fd);
     }
     // The tun is the caller's, but read(2) has no MSG_DONTWAIT: the loop needs it nonblocking.
-    if (SetNonblocking(tun_fd) < 0) throw ErrnoException(env, errno, "fcntl");
+    if (MakeNonblocking(tun_fd) < 0) throw ErrnoException(env, errno, "fcntl");
 
     events_.Open<OnRamp, &OnRamp::DeliverFlows>(addon_, shared_->new_flows, this, info[2].As<Napi::Function>());
     try {
@@ -725,10 +717,7 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
 };
 
 Napi::Value CreateOnRamp(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  return Fdferry::Of(env).onRampClass.New({info.Length() > 0 ? info[0] : env.Undefined(),
-                                           info.Length() > 1 ? info[1] : env.Undefined(),
-                                           info.Length() > 2 ? info[2] : env.Undefined()});
+  return Construct(Fdferry::Of(info.Env()).onRampClass, info, 3);
 }
 
 }  // namespace

@@ -29,6 +29,7 @@
 
 #include "engine_thread.h"
 #include "errors.h"
+#include "fd.h"
 #include "clock.h"
 #include "js_fields.h"
 
@@ -686,14 +687,6 @@ std::string BytesField(const Napi::Object& object, const char* name) {
   return std::string(reinterpret_cast<const char*>(bytes.Data()), bytes.ByteLength());
 }
 
-int SetNonblocking(int fd) {
-  int flags = fcntl(fd, F_GETFL);
-  if (flags < 0) return -1;
-  if (flags & O_NONBLOCK) return 0;
-  return fcntl(fd, F_SETFL, flags | O_NONBLOCK);
-}
-
-constexpr double kMaxSafeInteger = 9007199254740991.0;
 
 const char* SideName(char side) { return side == 'a' ? "a" : side == 'b' ? "b" : nullptr; }
 
@@ -715,7 +708,7 @@ std::unique_ptr<Relay> NewRelay(Napi::Env env, double id, int fd_a, int fd_b, co
   // The engine needs nonblocking sockets. O_NONBLOCK lives on the open file description, so the sockets come
   // back to their owner nonblocking too (as any socket a Node program holds already is).
   for (int fd : {fd_a, fd_b}) {
-    if (SetNonblocking(fd) < 0) throw ErrnoException(env, errno, "fcntl");
+    if (MakeNonblocking(fd) < 0) throw ErrnoException(env, errno, "fcntl");
   }
   return relay;
 }
@@ -1055,9 +1048,7 @@ void SpliceEngine::DeliverCompletions() { events_.Deliver(Value(), CompletionObj
 namespace {
 
 Napi::Value CreateSpliceEngine(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  return Fdferry::Of(env).spliceEngineClass.New({info.Length() > 0 ? info[0] : env.Undefined(),
-                                                 info.Length() > 1 ? info[1] : env.Undefined()});
+  return Construct(Fdferry::Of(info.Env()).spliceEngineClass, info, 2);
 }
 
 }  // namespace

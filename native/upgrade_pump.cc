@@ -61,7 +61,6 @@ constexpr int kMmsg = 16;
 constexpr int kTickMs = 100;
 constexpr uint32_t kPortsPerAddress = 60000;
 constexpr uint16_t kFirstPort = 2000;
-constexpr double kMaxSafeInteger = 9007199254740991.0;
 // Slots examined per allocation before giving up: bounds the cost of a request when the space is nearly full.
 constexpr uint32_t kMaxProbe = 1 << 16;
 
@@ -849,13 +848,6 @@ class PumpThread : public EngineThread {
 // ---------------------------------------------------------------------------------------------------------------
 // JS conversions.
 
-void AddressField(const Napi::Object& object, const char* name, int family, uint8_t* out) {
-  Napi::Value value = object.Get(name);
-  if (!value.IsString() || inet_pton(family == 4 ? AF_INET : AF_INET6, value.As<Napi::String>().Utf8Value().c_str(), out) != 1) {
-    throw Napi::TypeError::New(object.Env(), std::string("\"") + name + "\" must be an IPv" + std::to_string(family) + " address");
-  }
-}
-
 Napi::Object TupleObject(Napi::Env env, const Tuple& tuple) {
   Napi::Object object = Napi::Object::New(env);
   object.Set("family", tuple.family);
@@ -1030,9 +1022,7 @@ class UpgradePump final : public Napi::ObjectWrap<UpgradePump>, public LoopResou
       object.Set("bytesToClient", static_cast<double>(s.bytes_client));
       object.Set("accepted", static_cast<double>(s.accepted));
       object.Set("orphans", static_cast<double>(s.orphans));
-      Napi::Object drops = Napi::Object::New(env);
-      for (auto& [reason, count] : s.drops) drops.Set(reason, static_cast<double>(count));
-      object.Set("drops", drops);
+      object.Set("drops", DropsObject(env, s.drops));
       list.Set(index++, object);
     }
     return list;
@@ -1189,9 +1179,7 @@ class UpgradePump final : public Napi::ObjectWrap<UpgradePump>, public LoopResou
 };
 
 Napi::Value CreateUpgradePump(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  return Fdferry::Of(env).upgradePumpClass.New({info.Length() > 0 ? info[0] : env.Undefined(),
-                                                info.Length() > 1 ? info[1] : env.Undefined()});
+  return Construct(Fdferry::Of(info.Env()).upgradePumpClass, info, 2);
 }
 
 }  // namespace
