@@ -13,6 +13,7 @@
 #include <memory>
 #include <unordered_map>
 #include <unordered_set>
+#include <vector>
 
 #include "uv_handle.h"
 
@@ -79,5 +80,13 @@ class Fdferry : public Napi::Addon<Fdferry> {
   std::unordered_set<LoopResource*> fdless_;
   std::unique_ptr<char[]> receive_buffer_;
 };
+
+// What each createX(...) export does: `new X(...)` through the environment's constructor reference, with the
+// first `arity` arguments (absent ones undefined), so JS never holds the classes themselves.
+inline Napi::Value Construct(const Napi::FunctionReference& constructor, const Napi::CallbackInfo& info, size_t arity) {
+  std::vector<napi_value> args;
+  for (size_t i = 0; i < arity; i++) args.push_back(info[i]);  // info[i] is undefined past info.Length()
+  return constructor.New(args);
+}
 
 }  // namespace fdferry

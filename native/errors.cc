@@ -32,6 +32,11 @@ Napi::Error ErrnoException(Napi::Env env, int err, std::string_view syscall, std
   return error;
 }
 
+Napi::Error ErrnoException(Napi::Env env, const std::system_error& error) {
+  std::string_view what = error.what();
+  return ErrnoException(env, error.code().value(), what.substr(0, what.find(':')));
+}
+
 void CallIntoJs(Napi::Env env, const Napi::AsyncContext& context, Napi::Object receiver, Napi::Function callback,
                 std::initializer_list<napi_value> args) {
   napi_value result;

@@ -11,6 +11,7 @@
 
 #include <initializer_list>
 #include <string_view>
+#include <system_error>
 
 namespace fdferry {
 
@@ -18,6 +19,11 @@ namespace fdferry {
 // by the caller right after the failing call: anything run in between (close(2), allocation) may clobber errno.
 // Message: "<syscall> <CODE>: <description>[ '<path>']", e.g. "close EBADF: bad file descriptor".
 Napi::Error ErrnoException(Napi::Env env, int err, std::string_view syscall, std::string_view path = {});
+
+// The same for a std::system_error thrown off the JS thread with the syscall as its what_arg, as
+// std::system_error(errno, std::generic_category(), "epoll_create1") is: what() is then "<syscall>: <description>",
+// and the part before the colon becomes `syscall`.
+Napi::Error ErrnoException(Napi::Env env, const std::system_error& error);
 
 // An fdferry protocol or usage fault that is not an errno: `code` is ours (e.g. 'EFDFERRY_TOOMANYFDS').
 Napi::Error FdferryError(Napi::Env env, std::string_view code, std::string_view message);

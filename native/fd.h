@@ -5,6 +5,7 @@
 
 #include <napi.h>
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <utility>
@@ -49,6 +50,15 @@ class FileDescriptor {
 // stdio slot that happens to be closed (a daemon started with stdin closed would then "read" from our socket).
 // Returns -1 with errno set on failure.
 int DupCloexec(int fd);
+
+// Sets O_NONBLOCK unless it is set already. Read-modify-write: F_SETFL replaces every status flag, and they live
+// on the open file description, which the fd's owner shares. Returns -1 with errno set on failure.
+inline int MakeNonblocking(int fd) {
+  int flags = fcntl(fd, F_GETFL);
+  if (flags < 0) return -1;
+  if (flags & O_NONBLOCK) return 0;
+  return fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+}
 
 // Reads argument `index` as an fd number. Only the type is checked (an int32): range checks are the kernel's
 // job, so close(-1) fails with EBADF like any other bad fd.

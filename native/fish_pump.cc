@@ -47,7 +47,6 @@
 #include <linux/netlink.h>
 #include <net/if.h>
 #include <poll.h>
-#include <signal.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/random.h>
@@ -61,22 +60,20 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <system_error>
-#include <thread>
 #include <unordered_map>
 #include <vector>
 
 #include "clock.h"
-#include "command_queue.h"
 #include "ctnetlink.h"
+#include "engine_events.h"
+#include "engine_thread.h"
 #include "errors.h"
 #include "fd.h"
 #include "ip_packet.h"
 #include "js_fields.h"
 #include "reassembly.h"
-#include "uv_handle.h"
 
 namespace fdferry {
 
@@ -98,7 +95,6 @@ constexpr int64_t kExpireEveryMs = 1000;
 constexpr int64_t kExhaustedEventMs = 100;
 // A ctnetlink round trip takes microseconds; this only bounds a kernel that does not answer at all.
 constexpr int kConntrackTimeoutMs = 250;
-constexpr double kMaxSafeInteger = 9007199254740991.0;
 
 enum ProtocolIndex { kTcp = 0, kUdp = 1, kIcmp = 2 };
 const char* const kProtocolNames[] = {"tcp", "udp", "icmp"};
@@ -257,21 +253,6 @@ struct MappingRow {
   int64_t idle_ms;
 };
 
-// What the JS side shares with the thread: the outbox and the async handle that announces it.
-struct Shared {
-  std::mutex outbox_mutex;
-  std::vector<EventRecord> outbox;
-  uv_async_t* notify = nullptr;
-
-  void Emit(EventRecord record) {
-    {
-      std::lock_guard<std::mutex> lock(outbox_mutex);
-      outbox.push_back(std::move(record));
-    }
-    uv_async_send(notify);
-  }
-};
-
 // Thrown by a command to become a JS error in the calling thread.
 struct CommandError {
   std::string code;
@@ -282,10 +263,11 @@ struct CommandError {
 
 // ---------------------------------------------------------------------------------------------------------------
 
-class PumpThread {
+class PumpThread : public EngineThread {
  public:
-  PumpThread(std::shared_ptr<Shared> shared, Settings settings)
-      : shared_(std::move(shared)), settings_(settings),
+  PumpThread(std::shared_ptr<Outbox<EventRecord>> events, Settings settings)
+      : EngineThread(&wake_tag_),
+        events_(std::move(events)), settings_(settings),
         batch_(new uint8_t[kMmsg * kPacketBuffer]),
         assembled_(new uint8_t[kPacketBuffer]),
         split_(new uint8_t[kPacketBuffer]),
@@ -297,8 +279,6 @@ class PumpThread {
         return_fragments_(settings.fragments, [this](uint32_t, reassembly::Drop drop, size_t count) {
           return_drops_[reassembly::DropName(drop)] += count;
         }) {
-    epoll_fd_.reset(epoll_create1(EPOLL_CLOEXEC));
-    if (!epoll_fd_.valid()) throw std::system_error(errno, std::generic_category(), "epoll_create1");
     // Created on the calling (JS) thread, so it lives in the daemon's network namespace: conntrack is per
     // namespace, and the reservations must land where the tun's packets are forwarded.
     ct_fd_.reset(socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC | SOCK_NONBLOCK, NETLINK_NETFILTER));
@@ -318,28 +298,11 @@ class PumpThread {
     ioctl_fd_.reset(socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
     RefreshTunMtu();
     seq_ = static_cast<uint32_t>(secret_);
-    epoll_event event{};
-    event.events = EPOLLIN;
-    event.data.ptr = &wake_tag_;
-    epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, commands_.fd(), &event);
     WatchTun();
-    thread_ = std::thread([this] { Run(); });
+    Start([this] { Run(); });
   }
 
   ~PumpThread() { Stop(); }
-
-  void Post(std::function<void()> command) { commands_.Post(std::move(command)); }
-
-  template <typename Result>
-  Result Call(std::function<Result()> fn) {
-    return commands_.template Call<Result>(std::move(fn));
-  }
-
-  void Stop() {
-    if (!thread_.joinable()) return;
-    Post([this] { stopping_ = true; });
-    thread_.join();
-  }
 
   // --- commands (run on the thread) ---
 
@@ -417,7 +380,7 @@ class PumpThread {
   std::vector<MappingRow> Pause() {
     if (!paused_) {
       paused_ = true;
-      epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, settings_.tun_fd, nullptr);
+      epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, settings_.tun_fd, nullptr);
       for (auto& [rid, r] : registrations_) Unwatch(r.get());
     }
     return Rows(-1);
@@ -436,17 +399,14 @@ class PumpThread {
 
  private:
   void Run() {
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, nullptr);
     epoll_event events[128];
     int64_t next_tick = MonotonicMs() + kTickMs;
     int64_t next_expiry = MonotonicMs() + kExpireEveryMs;
-    while (!stopping_) {
+    while (!stopping()) {
       int timeout = static_cast<int>(std::max<int64_t>(0, next_tick - MonotonicMs()));
-      int count = epoll_wait(epoll_fd_.get(), events, 128, timeout);
+      int count = epoll_wait(epoll_fd(), events, 128, timeout);
       if (count < 0 && errno != EINTR) break;
-      for (int i = 0; i < count && !stopping_; i++) {
+      for (int i = 0; i < count && !stopping(); i++) {
         auto* tag = static_cast<Tag*>(events[i].data.ptr);
         switch (tag->kind) {
           case Tag::kWake:
@@ -478,29 +438,25 @@ class PumpThread {
     graveyard_.clear();
   }
 
-  // Commands run here; an exception they throw travels back to the caller through the packaged task, but one
-  // from a Post()ed command would end the thread, so those catch their own.
-  void RunCommands() { commands_.RunPending(); }
-
   void WatchTun() {
     epoll_event event{};
     event.events = EPOLLIN;
     event.data.ptr = &tun_tag_;
-    tun_watched_ = epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, settings_.tun_fd, &event) == 0 || errno == EEXIST;
+    tun_watched_ = epoll_ctl(epoll_fd(), EPOLL_CTL_ADD, settings_.tun_fd, &event) == 0 || errno == EEXIST;
   }
 
   bool Watch(Registration* r) {
     epoll_event event{};
     event.events = EPOLLIN | EPOLLRDHUP;
     event.data.ptr = &r->tag;
-    if (epoll_ctl(epoll_fd_.get(), EPOLL_CTL_ADD, r->fd, &event) < 0 && errno != EEXIST) return false;
+    if (epoll_ctl(epoll_fd(), EPOLL_CTL_ADD, r->fd, &event) < 0 && errno != EEXIST) return false;
     r->watched = true;
     return true;
   }
 
   void Unwatch(Registration* r) {
     if (!r->watched) return;
-    epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, r->fd, nullptr);
+    epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, r->fd, nullptr);
     r->watched = false;
   }
 
@@ -509,7 +465,7 @@ class PumpThread {
     record.rid = rid;
     record.code = std::move(code);
     record.message = std::move(message);
-    shared_->Emit(std::move(record));
+    events_->Push(std::move(record));
   }
 
   // Stops reading a registration and forgets it and its mappings. Its conntrack entries stay: the control plane
@@ -543,7 +499,7 @@ class PumpThread {
     record.rid = rid;
     record.reason = reason;
     record.err = err;
-    shared_->Emit(std::move(record));
+    events_->Push(std::move(record));
   }
 
   void Install(std::unique_ptr<Mapping> m) {
@@ -910,7 +866,7 @@ class PumpThread {
     record.suppressed = r->suppressed;
     r->suppressed = 0;
     r->last_exhausted_event = now;
-    shared_->Emit(std::move(record));
+    events_->Push(std::move(record));
   }
 
   // Refusals folded while the rate limit held are reported once it lifts, even if no new refusal comes: the
@@ -962,7 +918,7 @@ class PumpThread {
           if (errno == EAGAIN) break;
           int err = errno;
           // The tun is unusable (detached, EBADFD): stop polling it rather than spin, and say so.
-          epoll_ctl(epoll_fd_.get(), EPOLL_CTL_DEL, settings_.tun_fd, nullptr);
+          epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, settings_.tun_fd, nullptr);
           tun_watched_ = false;
           Notice(0, "EFDFERRY_TUN", std::string("reading the tun failed: ") + std::strerror(err));
           break;
@@ -1063,7 +1019,7 @@ class PumpThread {
     }
   }
 
-  std::shared_ptr<Shared> shared_;
+  std::shared_ptr<Outbox<EventRecord>> events_;
   Settings settings_;
   std::unique_ptr<uint8_t[]> batch_;
   std::unique_ptr<uint8_t[]> assembled_;  // an egress datagram rebuilt from fragments
@@ -1071,16 +1027,12 @@ class PumpThread {
   mmsghdr batch_msgs_[kMmsg];
   iovec batch_iov_[kMmsg];
   Outgoing outgoing_[kMmsg];
-  FileDescriptor epoll_fd_;
   FileDescriptor ct_fd_;
   FileDescriptor ioctl_fd_;
   size_t tun_mtu_ = 1280;
   Tag wake_tag_{Tag::kWake};
   Tag tun_tag_{Tag::kTun};
   bool tun_watched_ = false;
-  std::thread thread_;
-  CommandQueue commands_;
-  bool stopping_ = false;
   bool paused_ = false;
   uint64_t secret_ = 0;
   uint16_t next_ip_id_ = 0;
@@ -1100,14 +1052,6 @@ class PumpThread {
 
 // ---------------------------------------------------------------------------------------------------------------
 // JS conversions.
-
-void AddressField(const Napi::Object& object, const char* name, int family, uint8_t* out) {
-  Napi::Value value = object.Get(name);
-  std::memset(out, 0, 16);
-  if (!value.IsString() || inet_pton(family == 4 ? AF_INET : AF_INET6, value.As<Napi::String>().Utf8Value().c_str(), out) != 1) {
-    throw Napi::TypeError::New(object.Env(), std::string("\"") + name + "\" must be an IPv" + std::to_string(family) + " address");
-  }
-}
 
 // A Record<FishProtocol, T> field; every protocol must be present.
 Napi::Object RecordField(const Napi::Object& object, const char* name) {
@@ -1138,12 +1082,6 @@ Napi::Object MappingObject(Napi::Env env, const Mapping& m) {
   return object;
 }
 
-Napi::Object DropsObject(Napi::Env env, const std::map<std::string, uint64_t>& drops) {
-  Napi::Object object = Napi::Object::New(env);
-  for (auto& [reason, count] : drops) object.Set(reason, static_cast<double>(count));
-  return object;
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 
 class FishPump final : public Napi::ObjectWrap<FishPump>, public LoopResource {
@@ -1166,8 +1104,8 @@ class FishPump final : public Napi::ObjectWrap<FishPump>, public LoopResource {
   explicit FishPump(const Napi::CallbackInfo& info)
       : ObjectWrap(info),
         addon_(Fdferry::Of(info.Env())),
-        async_context_(info.Env(), "fdferry:FishPump", info.This().As<Napi::Object>()),
-        shared_(std::make_shared<Shared>()) {
+        outbox_(std::make_shared<Outbox<EventRecord>>()),
+        events_(info.Env(), "fdferry:FishPump", info.This().As<Napi::Object>()) {
     Napi::Env env = info.Env();
     if (info.Length() < 2 || !info[0].IsObject() || !info[1].IsFunction()) {
       throw Napi::TypeError::New(env, "createFishPump(options, onEvents)");
@@ -1199,25 +1137,14 @@ class FishPump final : public Napi::ObjectWrap<FishPump>, public LoopResource {
 
     // The pump reads the tun until EAGAIN: a blocking tun would stall the thread. Read-modify-write, as the flag
     // lives on the open file description that JS shares.
-    int flags = fcntl(settings.tun_fd, F_GETFL);
-    if (flags < 0) throw ErrnoException(env, errno, "fcntl");
-    if ((flags & O_NONBLOCK) == 0 && fcntl(settings.tun_fd, F_SETFL, flags | O_NONBLOCK) < 0) {
-      throw ErrnoException(env, errno, "fcntl");
-    }
+    if (MakeNonblocking(settings.tun_fd) < 0) throw ErrnoException(env, errno, "fcntl");
 
-    on_events_ = Napi::Persistent(info[1].As<Napi::Function>());
-    int status = notify_.Init(addon_.pendingCloses(),
-                              [&](uv_async_t* handle) { return uv_async_init(addon_.loop(), handle, OnNotify); });
-    if (status < 0) throw ErrnoException(env, -status, "uv_async_init");
-    notify_.get()->data = this;
-    shared_->notify = notify_.get();
+    events_.Open<FishPump, &FishPump::DeliverEvents>(addon_, *outbox_, this, info[1].As<Napi::Function>());
     try {
-      thread_ = std::make_unique<PumpThread>(shared_, settings);
+      thread_ = std::make_unique<PumpThread>(outbox_, settings);
     } catch (const std::system_error& error) {
-      notify_.Close();
-      // what() is "<syscall>: <description>"; the syscall name is what Node-style errors carry.
-      std::string what = error.what();
-      throw ErrnoException(env, error.code().value(), what.substr(0, what.find(':')));
+      events_.Close();
+      throw ErrnoException(env, error);
     }
     addon_.Register(static_cast<LoopResource*>(this));
     Ref();
@@ -1229,13 +1156,8 @@ class FishPump final : public Napi::ObjectWrap<FishPump>, public LoopResource {
     if (closed_) return;
     closed_ = true;
     thread_.reset();
-    {
-      std::lock_guard<std::mutex> lock(shared_->outbox_mutex);
-      shared_->outbox.clear();
-    }
-    notify_.Close();
+    events_.Close();
     addon_.Unregister(static_cast<LoopResource*>(this));
-    on_events_.Reset();
     Unref();
   }
 
@@ -1415,69 +1337,50 @@ class FishPump final : public Napi::ObjectWrap<FishPump>, public LoopResource {
     CloseForTeardown();
   }
 
-  static void OnNotify(uv_async_t* handle) {
-    auto* pump = static_cast<FishPump*>(handle->data);
-    AtLoopBoundary(pump->Env(), [pump] { pump->DeliverEvents(); });
-  }
+  void DeliverEvents() { events_.Deliver(Value(), EventObject); }
 
-  void DeliverEvents() {
-    std::vector<EventRecord> events;
-    {
-      std::lock_guard<std::mutex> lock(shared_->outbox_mutex);
-      events.swap(shared_->outbox);
-    }
-    if (events.empty() || on_events_.IsEmpty()) return;
-    Napi::Env env = Env();
-    Napi::Array list = Napi::Array::New(env, events.size());
-    uint32_t index = 0;
-    for (const EventRecord& e : events) {
-      Napi::Object object = Napi::Object::New(env);
-      object.Set("rid", e.rid);
-      switch (e.kind) {
-        case EventRecord::kExhausted: {
-          const Registration::Refusal& r = e.refusal;
-          object.Set("type", "exhausted");
-          object.Set("protocol", kProtocolNames[IndexOf(r.protocol)]);
-          object.Set("family", r.family);
-          object.Set("clientAddress", AddressString(r.family, r.client));
-          object.Set("clientPort", r.client_port);
-          object.Set("destinationAddress", AddressString(r.family, r.dst));
-          object.Set("destinationPort", r.dport);
-          object.Set("reason", r.reason);
-          object.Set("code", ErrnoName(env, r.err));
-          object.Set("suppressed", static_cast<double>(e.suppressed));
-          break;
-        }
-        case EventRecord::kClosed:
-          object.Set("type", "closed");
-          object.Set("reason", e.reason);
-          object.Set("code", ErrnoName(env, e.err));
-          break;
-        case EventRecord::kNotice:
-          object.Set("type", "notice");
-          object.Set("code", e.code);
-          object.Set("message", e.message);
-          break;
+  static Napi::Object EventObject(Napi::Env env, const EventRecord& e) {
+    Napi::Object object = Napi::Object::New(env);
+    object.Set("rid", e.rid);
+    switch (e.kind) {
+      case EventRecord::kExhausted: {
+        const Registration::Refusal& r = e.refusal;
+        object.Set("type", "exhausted");
+        object.Set("protocol", kProtocolNames[IndexOf(r.protocol)]);
+        object.Set("family", r.family);
+        object.Set("clientAddress", AddressString(r.family, r.client));
+        object.Set("clientPort", r.client_port);
+        object.Set("destinationAddress", AddressString(r.family, r.dst));
+        object.Set("destinationPort", r.dport);
+        object.Set("reason", r.reason);
+        object.Set("code", ErrnoName(env, r.err));
+        object.Set("suppressed", static_cast<double>(e.suppressed));
+        break;
       }
-      list.Set(index++, object);
+      case EventRecord::kClosed:
+        object.Set("type", "closed");
+        object.Set("reason", e.reason);
+        object.Set("code", ErrnoName(env, e.err));
+        break;
+      case EventRecord::kNotice:
+        object.Set("type", "notice");
+        object.Set("code", e.code);
+        object.Set("message", e.message);
+        break;
     }
-    CallIntoJs(env, async_context_, Value(), on_events_.Value(), {list});
+    return object;
   }
 
   Fdferry& addon_;
-  Napi::AsyncContext async_context_;
-  Napi::FunctionReference on_events_;
-  std::shared_ptr<Shared> shared_;
-  // Destroyed (joined) before notify_ closes: the thread may call uv_async_send until it has stopped.
+  std::shared_ptr<Outbox<EventRecord>> outbox_;
+  EngineEvents<EventRecord> events_;
+  // Reset (joined) before events_ closes, in the order engine_events.h gives.
   std::unique_ptr<PumpThread> thread_;
-  UvHandle<uv_async_t> notify_;
   bool closed_ = false;
 };
 
 Napi::Value CreateFishPump(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  return Fdferry::Of(env).fishPumpClass.New({info.Length() > 0 ? info[0] : env.Undefined(),
-                                             info.Length() > 1 ? info[1] : env.Undefined()});
+  return Construct(Fdferry::Of(info.Env()).fishPumpClass, info, 2);
 }
 
 }  // namespace

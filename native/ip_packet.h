@@ -23,17 +23,17 @@ namespace fdferry::ip {
 
 using packet::AdjustChecksum;
 using packet::Fold;
+using packet::kProtoTcp;
+using packet::Load16;
 using packet::Store16;
 using packet::SumBytes;
 
-inline uint16_t Load16(const uint8_t* p) { return static_cast<uint16_t>(p[0] << 8 | p[1]); }
-
 constexpr uint8_t kProtoIcmp = 1;
-constexpr uint8_t kProtoTcp = 6;
 constexpr uint8_t kProtoUdp = 17;
 constexpr uint8_t kProtoIcmp6 = 58;
 
-// Why a packet was not accepted. Each has a drop counter named by VerdictName.
+// Why a packet was not accepted. Each has a drop counter named by VerdictName. Not packet::Verdict: this parser
+// takes UDP and ICMP too and reassembles fragments, so its verdicts (and the counter names JS sees) differ.
 enum class Verdict {
   kOk,
   kTruncated,        // shorter than its headers, or than its own length fields say

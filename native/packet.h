@@ -46,6 +46,13 @@ inline const char* VerdictName(Verdict verdict) {
   return "unknown";
 }
 
+// A 16-bit field in network order, read and written.
+inline uint16_t Load16(const uint8_t* p) { return static_cast<uint16_t>(p[0] << 8 | p[1]); }
+inline void Store16(uint8_t* p, uint16_t value) {
+  p[0] = static_cast<uint8_t>(value >> 8);
+  p[1] = static_cast<uint8_t>(value);
+}
+
 // A parsed TCP segment: pointers into the caller's buffer, valid as long as it is.
 struct TcpSegment {
   uint8_t* ip = nullptr;
@@ -64,14 +71,7 @@ struct TcpSegment {
   uint16_t sport() const { return Load16(tcp); }
   uint16_t dport() const { return Load16(tcp + 2); }
   size_t payload() const { return tcp_length - tcp_header; }
-
-  static uint16_t Load16(const uint8_t* p) { return static_cast<uint16_t>(p[0] << 8 | p[1]); }
 };
-
-inline void Store16(uint8_t* p, uint16_t value) {
-  p[0] = static_cast<uint8_t>(value >> 8);
-  p[1] = static_cast<uint8_t>(value);
-}
 
 // One's-complement sum of `length` bytes starting at an even offset of the packet, not folded. Odd lengths pad
 // the last byte with zero (RFC 1071).
@@ -110,9 +110,9 @@ inline Verdict ParseTcp(uint8_t* data, size_t size, bool verify_checksums, TcpSe
     s.family = 4;
     s.ip_header = static_cast<size_t>(data[0] & 0x0f) * 4;
     if (s.ip_header < 20) return Verdict::kBadHeader;
-    s.length = TcpSegment::Load16(data + 2);
+    s.length = Load16(data + 2);
     if (s.length < s.ip_header || s.length > size) return Verdict::kTruncated;
-    uint16_t fragment = TcpSegment::Load16(data + 6);
+    uint16_t fragment = Load16(data + 6);
     if ((fragment & 0x2000) != 0 || (fragment & 0x1fff) != 0) return Verdict::kFragment;
     if (data[9] != kProtoTcp) return Verdict::kNotTcp;
     if (verify_checksums && Fold(SumBytes(data, s.ip_header)) != 0xffff) return Verdict::kBadChecksum;
@@ -120,7 +120,7 @@ inline Verdict ParseTcp(uint8_t* data, size_t size, bool verify_checksums, TcpSe
     if (size < 40) return Verdict::kTruncated;
     s.family = 6;
     s.ip_header = 40;
-    s.length = 40 + static_cast<size_t>(TcpSegment::Load16(data + 4));
+    s.length = 40 + static_cast<size_t>(Load16(data + 4));
     if (s.length > size) return Verdict::kTruncated;
     // Extension headers (hop-by-hop, routing, fragment...) are not walked: such packets are dropped.
     if (data[6] != kProtoTcp) return Verdict::kNotTcp;
@@ -142,10 +142,10 @@ inline Verdict ParseTcp(uint8_t* data, size_t size, bool verify_checksums, TcpSe
 // RFC 1624 eq. 3 over a run of 16-bit words: `field` holds a checksum in network order; the words at `old_words`
 // are replaced by `new_words` (same even length). O(length), never the payload.
 inline void AdjustChecksum(uint8_t* field, const uint8_t* old_words, const uint8_t* new_words, size_t length) {
-  uint64_t sum = static_cast<uint16_t>(~TcpSegment::Load16(field));
+  uint64_t sum = static_cast<uint16_t>(~Load16(field));
   for (size_t i = 0; i + 1 < length; i += 2) {
-    sum += static_cast<uint16_t>(~TcpSegment::Load16(old_words + i));
-    sum += TcpSegment::Load16(new_words + i);
+    sum += static_cast<uint16_t>(~Load16(old_words + i));
+    sum += Load16(new_words + i);
   }
   Store16(field, static_cast<uint16_t>(~Fold(sum)));
 }
@@ -192,7 +192,7 @@ inline bool ClampMss(TcpSegment& segment, uint16_t limit) {
     if (size < 2 || i + size > length) break;
     if (kind == 2 && size == 4) {
       uint8_t* mss = options + i + 2;
-      if (TcpSegment::Load16(mss) <= limit) return false;
+      if (Load16(mss) <= limit) return false;
       size_t offset = static_cast<size_t>(mss - segment.tcp);
       size_t window = offset & ~static_cast<size_t>(1);
       // Three aligned bytes pairs cover the two MSS bytes whatever the parity.

@@ -16,7 +16,6 @@
 #include <fcntl.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -25,14 +24,12 @@
 #include <cerrno>
 #include <cstring>
 #include <deque>
-#include <functional>
-#include <future>
-#include <thread>
 #include <unordered_map>
 #include <utility>
 
-#include "command_queue.h"
+#include "engine_thread.h"
 #include "errors.h"
+#include "fd.h"
 #include "clock.h"
 #include "js_fields.h"
 
@@ -108,51 +105,19 @@ struct Relay {
 
 }  // namespace
 
-void SpliceShared::Complete(const RelayCompletionRecord& record) {
-  {
-    std::lock_guard<std::mutex> lock(outbox_mutex);
-    outbox.push_back(record);
-  }
-  // uv_async_send is the one libuv call that is safe from another thread; many sends coalesce into one callback.
-  uv_async_send(notify);
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // SpliceThread: one epoll loop and the relays that live on it.
 
-class SpliceThread {
+class SpliceThread : public EngineThread {
  public:
+  // The command queue's eventfd is the only registration without an Endpoint (data.ptr nullptr).
   SpliceThread(std::shared_ptr<SpliceShared> shared, int idle_pipe_limit)
-      : shared_(std::move(shared)), idle_pipe_limit_(idle_pipe_limit) {
-    epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
-    if (epoll_fd_ < 0) throw std::system_error(errno, std::generic_category(), "epoll_create1");
-    epoll_event event{};
-    event.events = EPOLLIN;
-    event.data.ptr = nullptr;  // the command queue's eventfd is the only registration without an Endpoint
-    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, commands_.fd(), &event);
-    thread_ = std::thread([this] { Run(); });
+      : EngineThread(nullptr), shared_(std::move(shared)), idle_pipe_limit_(idle_pipe_limit) {
+    Start([this] { Run(); });
   }
 
-  ~SpliceThread() {
-    Stop();
-    CloseFd(epoll_fd_);
-  }
-
-  // Runs `command` on the thread, soon.
-  void Post(std::function<void()> command) { commands_.Post(std::move(command)); }
-
-  // Runs `fn` on the thread and waits for its result: for the rare synchronous calls (snapshot, pause).
-  template <typename Result>
-  Result Call(std::function<Result()> fn) {
-    return commands_.template Call<Result>(std::move(fn));
-  }
-
-  // Stops the loop; relays still running end with "shutdown" first. Idempotent.
-  void Stop() {
-    if (!thread_.joinable()) return;
-    Post([this] { stopping_ = true; });
-    thread_.join();
-  }
+  // Relays still running end with "shutdown" as the loop leaves.
+  ~SpliceThread() { Stop(); }
 
   // A resumed relay's pipe, in a persistent engine, must be one the owner table can name: a pool pipe given
   // back by a rollback is marked again; a pipe from elsewhere (a predecessor, a crashed process) has its bytes
@@ -320,7 +285,7 @@ class SpliceThread {
       event.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
       event.data.ptr = endpoint;
       int fd = endpoint->side == 'a' ? relay->fd_a : relay->fd_b;
-      if (epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &event) < 0) {
+      if (epoll_ctl(epoll_fd(), EPOLL_CTL_ADD, fd, &event) < 0) {
         int err = errno;
         End(relay, "error", err, endpoint->side);
         return false;
@@ -332,14 +297,14 @@ class SpliceThread {
   void Unregister(Relay* relay) {
     // EPOLL_CTL_DEL before anything else: once the relay is gone, no event may point at it. Failure means the fd
     // was never added (Register failed half-way) or is already closed by someone else; nothing to undo then.
-    epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, relay->fd_a, nullptr);
-    epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, relay->fd_b, nullptr);
+    epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, relay->fd_a, nullptr);
+    epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, relay->fd_b, nullptr);
   }
 
   void Run() {
     epoll_event events[256];
     int64_t next_tick = MonotonicMs() + kTimerTickMs;
-    while (!stopping_) {
+    while (!stopping()) {
       int timeout = -1;
       if (!ready_.empty()) {
         timeout = 0;
@@ -349,12 +314,12 @@ class SpliceThread {
       } else if (timed_relays_ > 0) {
         timeout = static_cast<int>(std::max<int64_t>(0, next_tick - MonotonicMs()));
       }
-      int count = epoll_wait(epoll_fd_, events, 256, timeout);
+      int count = epoll_wait(epoll_fd(), events, 256, timeout);
       if (count < 0 && errno != EINTR) break;
       for (int i = 0; i < count; i++) {
         auto* endpoint = static_cast<Endpoint*>(events[i].data.ptr);
         if (endpoint == nullptr) {
-          commands_.RunPending();
+          RunCommands();
           continue;
         }
         // A relay ended earlier in this batch stays allocated (in the graveyard) until the batch is done, so this
@@ -692,7 +657,7 @@ class SpliceThread {
     record.unsent_ab = std::move(unsent_ab);
     record.unsent_ba = std::move(unsent_ba);
     shared_->counters.relays--;
-    shared_->Complete(record);
+    shared_->completions.Push(std::move(record));
     // Freed after the current epoll batch: later events of the batch may still point at its endpoints.
     auto found = relays_.find(relay->id);
     graveyard_.push_back(std::move(found->second));
@@ -701,10 +666,6 @@ class SpliceThread {
 
   std::shared_ptr<SpliceShared> shared_;
   int idle_pipe_limit_;
-  int epoll_fd_ = -1;
-  std::thread thread_;
-  CommandQueue commands_;
-  bool stopping_ = false;  // touched only by the engine thread (set by a posted command)
   std::unordered_map<uint64_t, std::unique_ptr<Relay>> relays_;
   std::vector<std::unique_ptr<Relay>> graveyard_;
   std::deque<uint64_t> ready_;
@@ -726,14 +687,6 @@ std::string BytesField(const Napi::Object& object, const char* name) {
   return std::string(reinterpret_cast<const char*>(bytes.Data()), bytes.ByteLength());
 }
 
-int SetNonblocking(int fd) {
-  int flags = fcntl(fd, F_GETFL);
-  if (flags < 0) return -1;
-  if (flags & O_NONBLOCK) return 0;
-  return fcntl(fd, F_SETFL, flags | O_NONBLOCK);
-}
-
-constexpr double kMaxSafeInteger = 9007199254740991.0;
 
 const char* SideName(char side) { return side == 'a' ? "a" : side == 'b' ? "b" : nullptr; }
 
@@ -755,7 +708,7 @@ std::unique_ptr<Relay> NewRelay(Napi::Env env, double id, int fd_a, int fd_b, co
   // The engine needs nonblocking sockets. O_NONBLOCK lives on the open file description, so the sockets come
   // back to their owner nonblocking too (as any socket a Node program holds already is).
   for (int fd : {fd_a, fd_b}) {
-    if (SetNonblocking(fd) < 0) throw ErrnoException(env, errno, "fcntl");
+    if (MakeNonblocking(fd) < 0) throw ErrnoException(env, errno, "fcntl");
   }
   return relay;
 }
@@ -769,6 +722,25 @@ Napi::Object PipeObject(Napi::Env env, const int (&fds)[2], uint64_t bytes, int 
   pipe.Set("bytes", static_cast<double>(bytes));
   if (index >= 0) pipe.Set("index", index);
   return pipe;
+}
+
+Napi::Object CompletionObject(Napi::Env env, const RelayCompletionRecord& c) {
+  Napi::Object object = Napi::Object::New(env);
+  object.Set("id", c.id);
+  object.Set("reason", c.reason);
+  object.Set("errno", c.err);
+  object.Set("code", ErrnoName(env, c.err));
+  const char* side = SideName(c.side);
+  object.Set("side", side ? Napi::Value(Napi::String::New(env, side)) : env.Null());
+  object.Set("bytesAToB", static_cast<double>(c.bytes_ab));
+  object.Set("bytesBToA", static_cast<double>(c.bytes_ba));
+  object.Set("finishedAToB", c.finished_ab);
+  object.Set("finishedBToA", c.finished_ba);
+  object.Set("startedAt", c.started_at);
+  object.Set("endedAt", c.ended_at);
+  object.Set("unsentAToB", c.unsent_ab.empty() ? env.Null() : Napi::Value(Napi::Buffer<char>::Copy(env, c.unsent_ab.data(), c.unsent_ab.size())));
+  object.Set("unsentBToA", c.unsent_ba.empty() ? env.Null() : Napi::Value(Napi::Buffer<char>::Copy(env, c.unsent_ba.data(), c.unsent_ba.size())));
+  return object;
 }
 
 }  // namespace
@@ -792,8 +764,8 @@ Napi::Function SpliceEngine::DefineClass(Napi::Env env) {
 SpliceEngine::SpliceEngine(const Napi::CallbackInfo& info)
     : ObjectWrap(info),
       addon_(Fdferry::Of(info.Env())),
-      async_context_(info.Env(), "fdferry:SpliceEngine", info.This().As<Napi::Object>()),
-      shared_(std::make_shared<SpliceShared>()) {
+      shared_(std::make_shared<SpliceShared>()),
+      events_(info.Env(), "fdferry:SpliceEngine", info.This().As<Napi::Object>()) {
   Napi::Env env = info.Env();
   if (info.Length() < 2 || !info[0].IsObject() || !info[1].IsFunction()) {
     throw Napi::TypeError::New(env, "createSpliceEngine(options, onComplete)");
@@ -805,13 +777,9 @@ SpliceEngine::SpliceEngine(const Napi::CallbackInfo& info)
   settings.max_pipes = static_cast<int>(NumberField(options, "maxPipes", 1024, 1, 1 << 20));
   settings.max_idle_pipes = static_cast<int>(NumberField(options, "maxIdlePipes", 64, 0, 1 << 20));
   settings.persistent_pipes = options.Get("persistentPipes").ToBoolean();
-  on_complete_ = Napi::Persistent(info[1].As<Napi::Function>());
 
-  int status = notify_.Init(addon_.pendingCloses(),
-                            [&](uv_async_t* handle) { return uv_async_init(addon_.loop(), handle, OnNotify); });
-  if (status < 0) throw ErrnoException(env, -status, "uv_async_init");
-  notify_.get()->data = this;
-  shared_->notify = notify_.get();
+  events_.Open<SpliceEngine, &SpliceEngine::DeliverCompletions>(addon_, shared_->completions, this,
+                                                                info[1].As<Napi::Function>());
   int idle_per_thread = std::max(0, settings.max_idle_pipes / settings.threads);
   try {
     for (int i = 0; i < settings.threads; i++) threads_.push_back(std::make_unique<SpliceThread>(shared_, idle_per_thread));
@@ -819,8 +787,8 @@ SpliceEngine::SpliceEngine(const Napi::CallbackInfo& info)
   } catch (const std::system_error& error) {
     StopThreads();
     ReleasePipeTable();
-    notify_.Close();
-    throw ErrnoException(env, error.code().value(), error.what());
+    events_.Close();
+    throw ErrnoException(env, error);
   }
   addon_.Register(static_cast<LoopResource*>(this));
   // Strong while running: completions call back into this object from the loop.
@@ -1052,7 +1020,6 @@ void SpliceEngine::Flush(const Napi::CallbackInfo&) {
 }
 
 void SpliceEngine::StopThreads() {
-  // Joined before the async handle closes: a thread may call uv_async_send until it has stopped.
   for (auto& thread : threads_) thread->Stop();
   threads_.clear();
 }
@@ -1071,54 +1038,17 @@ void SpliceEngine::CloseForTeardown() {
   closed_ = true;
   StopThreads();
   ReleasePipeTable();
-  notify_.Close();
+  events_.Close();
   addon_.Unregister(static_cast<LoopResource*>(this));
-  on_complete_.Reset();
   Unref();
 }
 
-void SpliceEngine::OnNotify(uv_async_t* handle) {
-  auto* engine = static_cast<SpliceEngine*>(handle->data);
-  AtLoopBoundary(engine->Env(), [engine] { engine->DeliverCompletions(); });
-}
-
-void SpliceEngine::DeliverCompletions() {
-  std::vector<RelayCompletionRecord> completions;
-  {
-    std::lock_guard<std::mutex> lock(shared_->outbox_mutex);
-    completions.swap(shared_->outbox);
-  }
-  if (completions.empty() || on_complete_.IsEmpty()) return;
-  Napi::Env env = Env();
-  Napi::Array list = Napi::Array::New(env, completions.size());
-  uint32_t index = 0;
-  for (const auto& c : completions) {
-    Napi::Object object = Napi::Object::New(env);
-    object.Set("id", c.id);
-    object.Set("reason", c.reason);
-    object.Set("errno", c.err);
-    object.Set("code", ErrnoName(env, c.err));
-    const char* side = SideName(c.side);
-    object.Set("side", side ? Napi::Value(Napi::String::New(env, side)) : env.Null());
-    object.Set("bytesAToB", static_cast<double>(c.bytes_ab));
-    object.Set("bytesBToA", static_cast<double>(c.bytes_ba));
-    object.Set("finishedAToB", c.finished_ab);
-    object.Set("finishedBToA", c.finished_ba);
-    object.Set("startedAt", c.started_at);
-    object.Set("endedAt", c.ended_at);
-    object.Set("unsentAToB", c.unsent_ab.empty() ? env.Null() : Napi::Value(Napi::Buffer<char>::Copy(env, c.unsent_ab.data(), c.unsent_ab.size())));
-    object.Set("unsentBToA", c.unsent_ba.empty() ? env.Null() : Napi::Value(Napi::Buffer<char>::Copy(env, c.unsent_ba.data(), c.unsent_ba.size())));
-    list.Set(index++, object);
-  }
-  CallIntoJs(env, async_context_, Value(), on_complete_.Value(), {list});
-}
+void SpliceEngine::DeliverCompletions() { events_.Deliver(Value(), CompletionObject); }
 
 namespace {
 
 Napi::Value CreateSpliceEngine(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  return Fdferry::Of(env).spliceEngineClass.New({info.Length() > 0 ? info[0] : env.Undefined(),
-                                                 info.Length() > 1 ? info[1] : env.Undefined()});
+  return Construct(Fdferry::Of(info.Env()).spliceEngineClass, info, 2);
 }
 
 }  // namespace

@@ -10,22 +10,20 @@
 //   answer on a std::future.
 // - The engine borrows the two sockets of a relay and never closes them: they go back to JS untouched in the
 //   completion (or in the paused state). It owns its pipes.
-// - Completions travel back through one mutex-protected vector and a uv_async_t on the environment's loop, so
-//   a burst of relays ending costs one JS call.
+// - Completions travel back through one outbox and a uv_async_t on the environment's loop (engine_events.h),
+//   so a burst of relays ending costs one JS call.
 #pragma once
 
 #include <napi.h>
-#include <uv.h>
 
 #include <atomic>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
 #include "binding.h"
-#include "uv_handle.h"
+#include "engine_events.h"
 
 namespace fdferry {
 
@@ -111,17 +109,13 @@ struct PausedRelayRecord {
 struct SpliceShared {
   SpliceSettings settings;
   SpliceCounters counters;
-  std::mutex outbox_mutex;
-  std::vector<RelayCompletionRecord> outbox;
-  uv_async_t* notify = nullptr;  // valid while the threads run (they are joined before it is closed)
+  Outbox<RelayCompletionRecord> completions;
   // Persistent pipes: the owner table (one 64-bit word per pipe: 0 = idle, else (relay id << 1 | direction) + 1,
   // direction 0 = A to B) mapped from `pipe_table_fd`, and every pipe made.
   uint64_t* pipe_owners = nullptr;
   int pipe_table_fd = -1;
   std::vector<PersistentPipe> persistent;
   std::atomic<int64_t> pipes_total{0};  // pipes open, idle ones included: the max-pipes budget
-
-  void Complete(const RelayCompletionRecord& record);
 };
 
 class SpliceEngine final : public Napi::ObjectWrap<SpliceEngine>, public LoopResource {
@@ -145,7 +139,6 @@ class SpliceEngine final : public Napi::ObjectWrap<SpliceEngine>, public LoopRes
   void Flush(const Napi::CallbackInfo& info);
   Napi::Value PipeTable(const Napi::CallbackInfo& info);
 
-  static void OnNotify(uv_async_t* handle);
   void DeliverCompletions();
   SpliceThread& ThreadFor(double id);
   void StopThreads();
@@ -153,11 +146,10 @@ class SpliceEngine final : public Napi::ObjectWrap<SpliceEngine>, public LoopRes
   void ReleasePipeTable();
 
   Fdferry& addon_;
-  Napi::AsyncContext async_context_;
-  Napi::FunctionReference on_complete_;
   std::shared_ptr<SpliceShared> shared_;
+  EngineEvents<RelayCompletionRecord> events_;
+  // Stopped (joined) before events_ closes, in the order engine_events.h gives.
   std::vector<std::unique_ptr<SpliceThread>> threads_;
-  UvHandle<uv_async_t> notify_;
   bool closed_ = false;
 };
 

@@ -22,9 +22,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <signal.h>
 #include <sys/epoll.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -33,22 +31,18 @@
 #include <cerrno>
 #include <cstring>
 #include <deque>
-#include <functional>
-#include <future>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <tuple>
 #include <unordered_map>
 #include <vector>
 
-#include "command_queue.h"
+#include "engine_events.h"
+#include "engine_thread.h"
 #include "errors.h"
 #include "clock.h"
 #include "js_fields.h"
 #include "packet.h"
-#include "uv_handle.h"
 
 namespace fdferry {
 
@@ -67,7 +61,6 @@ constexpr int kMmsg = 16;
 constexpr int kTickMs = 100;
 constexpr uint32_t kPortsPerAddress = 60000;
 constexpr uint16_t kFirstPort = 2000;
-constexpr double kMaxSafeInteger = 9007199254740991.0;
 // Slots examined per allocation before giving up: bounds the cost of a request when the space is nearly full.
 constexpr uint32_t kMaxProbe = 1 << 16;
 
@@ -223,54 +216,17 @@ struct FlowRow {
   int64_t idle_ms;
 };
 
-// What the JS side shares with the thread: the outbox and the async handle that announces it.
-struct PumpShared {
-  std::mutex outbox_mutex;
-  std::vector<PumpEventRecord> outbox;
-  uv_async_t* notify = nullptr;
-
-  void Emit(PumpEventRecord record) {
-    {
-      std::lock_guard<std::mutex> lock(outbox_mutex);
-      outbox.push_back(std::move(record));
-    }
-    uv_async_send(notify);
-  }
-};
-
 // ---------------------------------------------------------------------------------------------------------------
 
-class PumpThread {
+class PumpThread : public EngineThread {
  public:
-  PumpThread(std::shared_ptr<PumpShared> shared, PumpSettings settings)
-      : shared_(std::move(shared)), settings_(settings), buffer_(new uint8_t[kPacketBuffer]),
+  PumpThread(std::shared_ptr<Outbox<PumpEventRecord>> events, PumpSettings settings)
+      : EngineThread(&wake_tag_), events_(std::move(events)), settings_(settings), buffer_(new uint8_t[kPacketBuffer]),
         batch_(new uint8_t[kMmsg * kPacketBuffer]) {
-    epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
-    if (epoll_fd_ < 0) throw std::system_error(errno, std::generic_category(), "epoll_create1");
-    epoll_event event{};
-    event.events = EPOLLIN;
-    event.data.ptr = &wake_tag_;
-    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, commands_.fd(), &event);
-    thread_ = std::thread([this] { Run(); });
+    Start([this] { Run(); });
   }
 
-  ~PumpThread() {
-    Stop();
-    close(epoll_fd_);
-  }
-
-  void Post(std::function<void()> command) { commands_.Post(std::move(command)); }
-
-  template <typename Result>
-  Result Call(std::function<Result()> fn) {
-    return commands_.template Call<Result>(std::move(fn));
-  }
-
-  void Stop() {
-    if (!thread_.joinable()) return;
-    Post([this] { stopping_ = true; });
-    thread_.join();
-  }
+  ~PumpThread() { Stop(); }
 
   // --- commands (run on the thread) ---
 
@@ -432,20 +388,17 @@ class PumpThread {
 
  private:
   void Run() {
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, nullptr);
     epoll_event events[128];
     int64_t next_tick = MonotonicMs() + kTickMs;
-    while (!stopping_) {
+    while (!stopping()) {
       int timeout = static_cast<int>(std::max<int64_t>(0, next_tick - MonotonicMs()));
-      int count = epoll_wait(epoll_fd_, events, 128, timeout);
+      int count = epoll_wait(epoll_fd(), events, 128, timeout);
       if (count < 0 && errno != EINTR) break;
-      for (int i = 0; i < count && !stopping_; i++) {
+      for (int i = 0; i < count && !stopping(); i++) {
         auto* tag = static_cast<Tag*>(events[i].data.ptr);
         switch (tag->kind) {
           case Tag::kWake:
-            commands_.RunPending();
+            RunCommands();
             break;
           case Tag::kTun:
             if (!paused_) OnTunReadable(*tag->environment);
@@ -472,7 +425,7 @@ class PumpThread {
     epoll_event event{};
     event.events = EPOLLIN | EPOLLRDHUP;
     event.data.ptr = &flow->tag;
-    if (epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, flow->fd, &event) < 0) {
+    if (epoll_ctl(epoll_fd(), EPOLL_CTL_ADD, flow->fd, &event) < 0) {
       int err = errno;
       if (flow->state == Flow::kEstablished) {
         Finish(flow, "error", err);
@@ -484,13 +437,13 @@ class PumpThread {
     return true;
   }
 
-  void Unwatch(Flow* flow) { epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, flow->fd, nullptr); }
+  void Unwatch(Flow* flow) { epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, flow->fd, nullptr); }
 
   void WatchEnvironment(Environment* env) {
     epoll_event event{};
     event.events = EPOLLIN;
     event.data.ptr = &env->tun_tag;
-    epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, env->tun_fd, &event);
+    epoll_ctl(epoll_fd(), EPOLL_CTL_ADD, env->tun_fd, &event);
     if (!env->accept_blocked) WatchListeners(env);
   }
 
@@ -500,18 +453,18 @@ class PumpThread {
     for (Tag* tag : {&env->listener4_tag, &env->listener6_tag}) {
       if (tag->fd < 0) continue;
       event.data.ptr = tag;
-      epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, tag->fd, &event);
+      epoll_ctl(epoll_fd(), EPOLL_CTL_ADD, tag->fd, &event);
     }
   }
 
   void UnwatchListeners(Environment* env) {
     for (int fd : {env->listener4_fd, env->listener6_fd}) {
-      if (fd >= 0) epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, fd, nullptr);
+      if (fd >= 0) epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, fd, nullptr);
     }
   }
 
   void UnwatchEnvironment(Environment* env) {
-    epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, env->tun_fd, nullptr);
+    epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, env->tun_fd, nullptr);
     UnwatchListeners(env);
   }
 
@@ -520,7 +473,7 @@ class PumpThread {
     record.flow_id = flow_id;
     record.code = code;
     record.message = std::move(message);
-    shared_->Emit(std::move(record));
+    events_->Push(std::move(record));
   }
 
   // Takes a flow that never got its socket accepted off the pump and gives its fd back with an error.
@@ -536,7 +489,7 @@ class PumpThread {
     record.flow_id = flow->id;
     record.reason = reason;
     record.err = err;
-    shared_->Emit(std::move(record));
+    events_->Push(std::move(record));
   }
 
   void Forget(Flow* flow) {
@@ -797,7 +750,7 @@ class PumpThread {
             notice.code = err == EMFILE ? "EMFILE" : err == ENFILE ? "ENFILE" : err == ENOBUFS ? "ENOBUFS" : "ENOMEM";
             notice.message = "out of file descriptors: handshakes wait in the listen backlog until fds free up";
             notice.err = err;
-            shared_->Emit(std::move(notice));
+            events_->Push(std::move(notice));
           }
         }
         return;
@@ -828,7 +781,7 @@ class PumpThread {
       env.InternalOf(flow->client.family, slot, record.internal, &record.internal_port);
       std::memcpy(record.listener, flow->client.family == 4 ? env.listener4 : env.listener6, flow->client.family == 4 ? 4 : 16);
       record.listen_port = env.listen_port;
-      shared_->Emit(std::move(record));
+      events_->Push(std::move(record));
     }
   }
 
@@ -876,18 +829,14 @@ class PumpThread {
     }
   }
 
-  std::shared_ptr<PumpShared> shared_;
+  std::shared_ptr<Outbox<PumpEventRecord>> events_;
   PumpSettings settings_;
   std::unique_ptr<uint8_t[]> buffer_;
   // kMmsg packet buffers and the headers that point at them, for recvmmsg and sendmmsg.
   std::unique_ptr<uint8_t[]> batch_;
   mmsghdr batch_msgs_[kMmsg];
   iovec batch_iov_[kMmsg];
-  int epoll_fd_ = -1;
   Tag wake_tag_{Tag::kWake};
-  std::thread thread_;
-  CommandQueue commands_;
-  bool stopping_ = false;
   bool paused_ = false;
   int64_t last_exhaustion_notice_ = -10000;
   std::unordered_map<int, std::unique_ptr<Environment>> environments_;
@@ -898,13 +847,6 @@ class PumpThread {
 
 // ---------------------------------------------------------------------------------------------------------------
 // JS conversions.
-
-void AddressField(const Napi::Object& object, const char* name, int family, uint8_t* out) {
-  Napi::Value value = object.Get(name);
-  if (!value.IsString() || inet_pton(family == 4 ? AF_INET : AF_INET6, value.As<Napi::String>().Utf8Value().c_str(), out) != 1) {
-    throw Napi::TypeError::New(object.Env(), std::string("\"") + name + "\" must be an IPv" + std::to_string(family) + " address");
-  }
-}
 
 Napi::Object TupleObject(Napi::Env env, const Tuple& tuple) {
   Napi::Object object = Napi::Object::New(env);
@@ -950,8 +892,8 @@ class UpgradePump final : public Napi::ObjectWrap<UpgradePump>, public LoopResou
   explicit UpgradePump(const Napi::CallbackInfo& info)
       : ObjectWrap(info),
         addon_(Fdferry::Of(info.Env())),
-        async_context_(info.Env(), "fdferry:UpgradePump", info.This().As<Napi::Object>()),
-        shared_(std::make_shared<PumpShared>()) {
+        outbox_(std::make_shared<Outbox<PumpEventRecord>>()),
+        events_(info.Env(), "fdferry:UpgradePump", info.This().As<Napi::Object>()) {
     Napi::Env env = info.Env();
     if (info.Length() < 2 || !info[0].IsObject() || !info[1].IsFunction()) {
       throw Napi::TypeError::New(env, "createUpgradePump(options, onEvents)");
@@ -967,17 +909,12 @@ class UpgradePump final : public Napi::ObjectWrap<UpgradePump>, public LoopResou
     settings.keepalive_interval_s = static_cast<int>(NumberField(options, "keepaliveIntervalS", 0, 0, 32767));
     settings.keepalive_count = static_cast<int>(NumberField(options, "keepaliveCount", 0, 0, 127));
     settings.user_timeout_ms = static_cast<int>(NumberField(options, "userTimeoutMs", 0, 0, 2147483647));
-    on_events_ = Napi::Persistent(info[1].As<Napi::Function>());
-    int status = notify_.Init(addon_.pendingCloses(),
-                              [&](uv_async_t* handle) { return uv_async_init(addon_.loop(), handle, OnNotify); });
-    if (status < 0) throw ErrnoException(env, -status, "uv_async_init");
-    notify_.get()->data = this;
-    shared_->notify = notify_.get();
+    events_.Open<UpgradePump, &UpgradePump::DeliverEvents>(addon_, *outbox_, this, info[1].As<Napi::Function>());
     try {
-      thread_ = std::make_unique<PumpThread>(shared_, settings);
+      thread_ = std::make_unique<PumpThread>(outbox_, settings);
     } catch (const std::system_error& error) {
-      notify_.Close();
-      throw ErrnoException(env, error.code().value(), error.what());
+      events_.Close();
+      throw ErrnoException(env, error);
     }
     addon_.Register(static_cast<LoopResource*>(this));
     Ref();
@@ -990,14 +927,10 @@ class UpgradePump final : public Napi::ObjectWrap<UpgradePump>, public LoopResou
     closed_ = true;
     thread_.reset();
     // Sockets accepted but never delivered would leak: nobody else knows their numbers.
-    std::lock_guard<std::mutex> lock(shared_->outbox_mutex);
-    for (auto& record : shared_->outbox) {
+    for (auto& record : events_.Close()) {
       if (record.fd >= 0) close(record.fd);
     }
-    shared_->outbox.clear();
-    notify_.Close();
     addon_.Unregister(static_cast<LoopResource*>(this));
-    on_events_.Reset();
     Unref();
   }
 
@@ -1089,9 +1022,7 @@ class UpgradePump final : public Napi::ObjectWrap<UpgradePump>, public LoopResou
       object.Set("bytesToClient", static_cast<double>(s.bytes_client));
       object.Set("accepted", static_cast<double>(s.accepted));
       object.Set("orphans", static_cast<double>(s.orphans));
-      Napi::Object drops = Napi::Object::New(env);
-      for (auto& [reason, count] : s.drops) drops.Set(reason, static_cast<double>(count));
-      object.Set("drops", drops);
+      object.Set("drops", DropsObject(env, s.drops));
       list.Set(index++, object);
     }
     return list;
@@ -1200,80 +1131,55 @@ class UpgradePump final : public Napi::ObjectWrap<UpgradePump>, public LoopResou
     CloseForTeardown();
   }
 
-  static void OnNotify(uv_async_t* handle) {
-    auto* pump = static_cast<UpgradePump*>(handle->data);
-    AtLoopBoundary(pump->Env(), [pump] { pump->DeliverEvents(); });
-  }
+  void DeliverEvents() { events_.Deliver(Value(), EventObject); }
 
-  void DeliverEvents() {
-    std::vector<PumpEventRecord> events;
-    {
-      std::lock_guard<std::mutex> lock(shared_->outbox_mutex);
-      events.swap(shared_->outbox);
-    }
-    if (events.empty()) return;
-    if (on_events_.IsEmpty()) {
-      for (auto& record : events) {
-        if (record.fd >= 0) close(record.fd);
+  static Napi::Object EventObject(Napi::Env env, const PumpEventRecord& e) {
+    Napi::Object object = Napi::Object::New(env);
+    object.Set("flowId", e.flow_id);
+    switch (e.kind) {
+      case PumpEventRecord::kAccepted: {
+        object.Set("type", "accepted");
+        object.Set("fd", e.fd);
+        object.Set("slot", e.slot);
+        object.Set("tuple", TupleObject(env, e.tuple));
+        Napi::Object internal = Napi::Object::New(env);
+        internal.Set("address", AddressString(e.tuple.family, e.internal));
+        internal.Set("port", e.internal_port);
+        internal.Set("listenerAddress", AddressString(e.tuple.family, e.listener));
+        internal.Set("listenerPort", e.listen_port);
+        object.Set("internal", internal);
+        break;
       }
-      return;
+      case PumpEventRecord::kRejected:
+        object.Set("type", "rejected");
+        object.Set("code", e.code);
+        object.Set("message", e.message);
+        break;
+      case PumpEventRecord::kNotice:
+        object.Set("type", "notice");
+        object.Set("code", e.code);
+        object.Set("message", e.message);
+        break;
+      case PumpEventRecord::kEnded:
+        object.Set("type", "ended");
+        object.Set("reason", e.reason);
+        object.Set("errno", e.err);
+        object.Set("code", ErrnoName(env, e.err));
+        break;
     }
-    Napi::Env env = Env();
-    Napi::Array list = Napi::Array::New(env, events.size());
-    uint32_t index = 0;
-    for (const PumpEventRecord& e : events) {
-      Napi::Object object = Napi::Object::New(env);
-      object.Set("flowId", e.flow_id);
-      switch (e.kind) {
-        case PumpEventRecord::kAccepted: {
-          object.Set("type", "accepted");
-          object.Set("fd", e.fd);
-          object.Set("slot", e.slot);
-          object.Set("tuple", TupleObject(env, e.tuple));
-          Napi::Object internal = Napi::Object::New(env);
-          internal.Set("address", AddressString(e.tuple.family, e.internal));
-          internal.Set("port", e.internal_port);
-          internal.Set("listenerAddress", AddressString(e.tuple.family, e.listener));
-          internal.Set("listenerPort", e.listen_port);
-          object.Set("internal", internal);
-          break;
-        }
-        case PumpEventRecord::kRejected:
-          object.Set("type", "rejected");
-          object.Set("code", e.code);
-          object.Set("message", e.message);
-          break;
-        case PumpEventRecord::kNotice:
-          object.Set("type", "notice");
-          object.Set("code", e.code);
-          object.Set("message", e.message);
-          break;
-        case PumpEventRecord::kEnded:
-          object.Set("type", "ended");
-          object.Set("reason", e.reason);
-          object.Set("errno", e.err);
-          object.Set("code", ErrnoName(env, e.err));
-          break;
-      }
-      list.Set(index++, object);
-    }
-    CallIntoJs(env, async_context_, Value(), on_events_.Value(), {list});
+    return object;
   }
 
   Fdferry& addon_;
-  Napi::AsyncContext async_context_;
-  Napi::FunctionReference on_events_;
-  std::shared_ptr<PumpShared> shared_;
-  // Destroyed (joined) before notify_ closes: the thread may call uv_async_send until it has stopped.
+  std::shared_ptr<Outbox<PumpEventRecord>> outbox_;
+  EngineEvents<PumpEventRecord> events_;
+  // Reset (joined) before events_ closes, in the order engine_events.h gives.
   std::unique_ptr<PumpThread> thread_;
-  UvHandle<uv_async_t> notify_;
   bool closed_ = false;
 };
 
 Napi::Value CreateUpgradePump(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  return Fdferry::Of(env).upgradePumpClass.New({info.Length() > 0 ? info[0] : env.Undefined(),
-                                                info.Length() > 1 ? info[1] : env.Undefined()});
+  return Construct(Fdferry::Of(info.Env()).upgradePumpClass, info, 2);
 }
 
 }  // namespace

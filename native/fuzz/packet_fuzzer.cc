@@ -64,7 +64,7 @@ struct Exact {
   uint8_t* get() const { return bytes.get(); }
 };
 
-uint16_t Load16(const uint8_t* p) { return TcpSegment::Load16(p); }
+using pk::Load16;
 
 // Settings for one run: bytes from the input while they last, then a generator seeded from the whole input,
 // so that every input (a bare seed packet included) gets some rewrite and the fuzzer can steer it by appending.
