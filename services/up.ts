@@ -34,7 +34,12 @@ export interface UpOptions {
 function fishNamespace(): { name: string; remove: () => void } {
   const name = `fdferry-up-${process.pid}`;
   const ip = (...args: string[]) => execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'] });
-  ip('netns', 'add', name);
+  try {
+    ip('netns', 'add', name);
+  } catch (error) {
+    const why = (error as NodeJS.ErrnoException).code === 'ENOENT' ? '`ip` (Debian package iproute2) is not installed' : String((error as { stderr?: Buffer }).stderr ?? (error as Error).message).trim();
+    throw new Error(`Fish runs in a network namespace of its own under \`up\`, and it could not be made: ${why} (or pass --fish-netns host)`);
+  }
   try {
     ip('-n', name, 'link', 'set', 'lo', 'up');
     execFileSync('ip', ['netns', 'exec', name, 'sysctl', '-qw', 'net.ipv4.ip_forward=1', 'net.ipv6.conf.all.forwarding=1'], { stdio: ['ignore', 'ignore', 'pipe'] });
