@@ -1,6 +1,6 @@
 // `fdferry up` (what `npm start` runs): the three daemons under one foreground supervisor, Fish in a network
 // namespace of its own; Ctrl-C stops them all and removes the namespace. Nothing is configured in the
-// machine's own namespace: the test checks that no fish0 and no Fish rule appear here.
+// machine's own namespace: the test checks that its links are exactly as they were.
 import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
