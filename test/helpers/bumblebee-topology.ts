@@ -114,21 +114,33 @@ export function echo(flow: UpgradedFlow<net.Socket>): void {
   flow.socket.pipe(flow.socket);
 }
 
-/** Runs the flow client (test/helpers/flow-client.ts) inside `namespace` and resolves with its last JSON line. */
-export async function runFlowClient(namespace: ClientNamespace, args: string[], timeoutMs = 120_000): Promise<Record<string, unknown>> {
+/**
+ * Starts the flow client (test/helpers/flow-client.ts) inside `namespace`; `result` resolves with its last JSON
+ * line. Its stdin stays open until `stop()`: a `stream --until-stdin-eof` client streams until then.
+ */
+export function startFlowClient(namespace: ClientNamespace, args: string[], timeoutMs = 120_000): { stop(): void; result: Promise<Record<string, unknown>> } {
   const child = namespace.spawn(process.execPath, ['--import', 'tsx', path.join(root, 'test', 'helpers', 'flow-client.ts'), ...args]);
-  child.stdin!.end();
-  let last: Record<string, unknown> | null = null;
-  let stderr = '';
-  child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-  for await (const line of readline.createInterface({ input: child.stdout! })) {
-    last = JSON.parse(line) as Record<string, unknown>;
-  }
-  const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-  const code = await new Promise<number | null>((resolve) => (child.exitCode !== null ? resolve(child.exitCode) : child.once('exit', resolve)));
-  clearTimeout(timer);
-  if (code !== 0 || !last) throw new Error(`flow client ${args.join(' ')} exited ${code}: ${stderr.slice(-2000)}`);
-  return last;
+  const result = (async () => {
+    let last: Record<string, unknown> | null = null;
+    let stderr = '';
+    child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    for await (const line of readline.createInterface({ input: child.stdout! })) {
+      last = JSON.parse(line) as Record<string, unknown>;
+    }
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+    const code = await new Promise<number | null>((resolve) => (child.exitCode !== null ? resolve(child.exitCode) : child.once('exit', resolve)));
+    clearTimeout(timer);
+    if (code !== 0 || !last) throw new Error(`flow client ${args.join(' ')} exited ${code}: ${stderr.slice(-2000)}`);
+    return last;
+  })();
+  return { stop: () => child.stdin!.end(), result };
+}
+
+/** Runs the flow client inside `namespace` and resolves with its last JSON line. */
+export function runFlowClient(namespace: ClientNamespace, args: string[], timeoutMs = 120_000): Promise<Record<string, unknown>> {
+  const client = startFlowClient(namespace, args, timeoutMs);
+  client.stop();
+  return client.result;
 }
 
 /** A long-running flow client in `hold` mode: open connections, ping them on demand, close at the end. */

@@ -5,8 +5,9 @@
  *
  *   echo  --target ADDR:PORT --count N --bytes B [--concurrency C] [--local-port-base P]
  *         N connections, each sends B random bytes and reads the echo; prints one JSON line.
- *   stream --target ADDR:PORT --seconds S
- *         one connection streams random bytes for S seconds while reading the echo, then half-closes;
+ *   stream --target ADDR:PORT (--seconds S | --until-stdin-eof)
+ *         one connection streams random bytes for S seconds (or until stdin closes) while reading the echo,
+ *         then half-closes;
  *         prints whether everything came back, byte for byte (sha256 both ways).
  *   hold  --target ADDR:PORT --count N [--local-port-base P]
  *         opens N connections, prints {"ready":N}; each stdin line "ping" makes every connection
@@ -96,7 +97,13 @@ async function runStream(): Promise<void> {
   });
   const ended = new Promise<void>((resolve) => socket.once('end', resolve).once('close', resolve));
   const pool = crypto.randomBytes(4 << 20);
-  const stopAt = Date.now() + seconds * 1000;
+  // --until-stdin-eof: a test that must keep the stream going through slow steps (reloads on a loaded
+  // machine) says when to stop instead of guessing a duration.
+  let stopAt = Date.now() + seconds * 1000;
+  if (argv.includes('--until-stdin-eof')) {
+    stopAt = Number.POSITIVE_INFINITY;
+    process.stdin.once('end', () => (stopAt = 0)).resume();
+  }
   while (Date.now() < stopAt && !socket.destroyed) {
     const offset = crypto.randomInt(0, pool.length - 65_536);
     const chunk = pool.subarray(offset, offset + 65_536);
