@@ -2,9 +2,10 @@
 // optionally with a catch-all sink socket for everything else (or for everything).
 //
 // Man pages: unix(7) (SOCK_SEQPACKET), socketpair(2), socket(7) (SO_SNDBUFFORCE, SO_RCVBUFFORCE), epoll(7),
-// epoll_ctl(2), eventfd(2), recvmsg(2) (MSG_TRUNC), send(2) (MSG_DONTWAIT, MSG_NOSIGNAL), read(2), write(2),
-// fcntl(2), inet_ntop(3), pthread_sigmask(3), clock_gettime(2). Kernel docs: networking/tuntap.rst.
-// libuv docs: uv_async_t. Recipe: notes/bumblebee-kernel.md §6 (flow sockets) and §9 (test topology).
+// epoll_ctl(2), recvmsg(2) (MSG_TRUNC), send(2) (MSG_DONTWAIT, MSG_NOSIGNAL), read(2), write(2), fcntl(2),
+// inet_ntop(3), clock_gettime(2). Kernel docs: networking/tuntap.rst. Recipe: notes/bumblebee-kernel.md §6 (flow
+// sockets) and §9 (test topology). The thread's start and stop and the way new flows reach JS are the engines'
+// shared ones: engine_thread.h and engine_events.h, which cite eventfd(2), pthread_sigmask(3) and uv_async_t.
 //
 // What it does, on one epoll thread:
 //   tun -> flows   read(tun) one packet at a time; parse it as TCP; key it by its tuple (client -> destination).
@@ -36,17 +37,14 @@
 //   MSG_DONTWAIT instead), since its open file description may be shared with the caller. Its buffers are raised
 //   like a flow socket's: it carries every flow of the client at once. EOF or an error on it stops reading it
 //   (counted) but never stops the loop: the tun and the flows keep running.
-// - New flows travel to JS through a mutex-protected outbox and a uv_async_t, so a burst of connects costs one
-//   JS call. From the moment a record is in the outbox the other end of its pair is JS's; records that never
-//   reached JS (the on-ramp was closed first) are closed here.
+// - New flows travel to JS through the engines' outbox (engine_events.h), so a burst of connects costs one JS
+//   call. From the moment a record is in the outbox the other end of its pair is JS's; records that never
+//   reached JS are closed here when the on-ramp is closed first, and handed out by pause() when it is paused.
+// - pause() and resume() replace the loop (one EngineThread each run) but keep the outbox and its async handle,
+//   which live as long as the JS object. Close order: engine_events.h.
 #include "onramp.h"
 
-#include <arpa/inet.h>
-#include <fcntl.h>
-#include <pthread.h>
-#include <signal.h>
 #include <sys/epoll.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -58,20 +56,19 @@
 #include <cerrno>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <system_error>
-#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
+#include "engine_events.h"
+#include "engine_thread.h"
 #include "errors.h"
 #include "clock.h"
 #include "js_fields.h"
 #include "fd.h"
 #include "packet.h"
-#include "uv_handle.h"
 
 namespace fdferry {
 
@@ -94,7 +91,6 @@ constexpr int kSinkBatch = 256;
 constexpr int kTimerTickMs = 100;
 // Both ends of each flow socket (§6: the sender's sndbuf is the limit; the default holds about 93 packets).
 constexpr int kFlowSocketBuffer = 4 * 1024 * 1024;
-constexpr double kMaxSafeInteger = 9007199254740991.0;
 
 // Drop counters. The first six are the parser's verdicts, named by packet::VerdictName.
 enum Drop : size_t {
@@ -164,13 +160,6 @@ bool BoolField(const Napi::Object& object, const char* name, bool fallback) {
   return value.As<Napi::Boolean>().Value();
 }
 
-int SetNonblocking(int fd) {
-  int flags = fcntl(fd, F_GETFL);
-  if (flags < 0) return -1;
-  if (flags & O_NONBLOCK) return 0;
-  return fcntl(fd, F_SETFL, flags | O_NONBLOCK);
-}
-
 // SO_*BUFFORCE needs CAP_NET_ADMIN; without it the plain options still raise the buffers up to the wmem_max /
 // rmem_max sysctls. Failing both is not fatal: the flow works with smaller buffers and drops as socketFull.
 void SetFlowSocketBuffers(int fd) {
@@ -217,27 +206,11 @@ struct OnRampShared {
   std::atomic<int64_t> packets_from_sink{0};
   std::atomic<bool> sink_eof{false};  // the sink's peer hung up, so reading it stopped
   std::array<std::atomic<int64_t>, kDropCount> drops{};
-  std::mutex outbox_mutex;
-  std::vector<FlowRecord> outbox;
-  uv_async_t* notify = nullptr;  // valid while the thread runs (it is joined before the handle is closed)
+  // New flows for JS. It outlives every loop (pause and resume replace the loop, not the outbox), and what it
+  // holds while paused is what pause() hands out as `pending`.
+  Outbox<FlowRecord> new_flows;
 
   void Count(Drop drop) { drops[drop].fetch_add(1, std::memory_order_relaxed); }
-
-  void Deliver(FlowRecord record) {
-    {
-      std::lock_guard<std::mutex> lock(outbox_mutex);
-      outbox.push_back(std::move(record));
-    }
-    // The one libuv call that is safe from another thread; many sends coalesce into one callback.
-    uv_async_send(notify);
-  }
-
-  std::vector<FlowRecord> TakeOutbox() {
-    std::vector<FlowRecord> taken;
-    std::lock_guard<std::mutex> lock(outbox_mutex);
-    taken.swap(outbox);
-    return taken;
-  }
 };
 
 struct Flow {
@@ -271,14 +244,17 @@ struct SetupError {
 // ---------------------------------------------------------------------------------------------------------------
 // OnRampLoop: the epoll thread and the flows it owns.
 
-class OnRampLoop {
+class OnRampLoop : public EngineThread {
  public:
-  // Throws SetupError when epoll or eventfd cannot be created or the tun cannot be polled (not a pollable fd),
-  // std::system_error when the thread cannot start.
-  // `initial` are flows adopted from a paused loop (ours or a predecessor's); their fds become this loop's.
+  // Throws SetupError when the tun or the sink cannot be polled (not a pollable fd), std::system_error when epoll
+  // or eventfd cannot be created or the thread cannot start. The command queue's eventfd (which only ever wakes
+  // the loop to stop it, or to mark it exporting just before) is the registration whose data.ptr is nullptr.
+  // `initial` are flows adopted from a paused loop (ours or a predecessor's); their fds become this loop's, unless
+  // it throws before taking them (every throw but the thread's start).
   OnRampLoop(std::shared_ptr<OnRampShared> shared, int tun_fd, const OnRampConfig& config,
              std::vector<ExportedFlow> initial = {}, uint64_t next_id = 1)
-      : shared_(std::move(shared)),
+      : EngineThread(nullptr),
+        shared_(std::move(shared)),
         tun_(tun_fd),
         sink_(config.sink_fd),
         demultiplex_tcp_(config.demultiplex_tcp),
@@ -286,29 +262,20 @@ class OnRampLoop {
         idle_timeout_ms_(config.idle_timeout_ms),
         buffer_(new uint8_t[kPacketBufferSize]),
         next_id_(next_id) {
-    epoll_.reset(epoll_create1(EPOLL_CLOEXEC));
-    if (!epoll_.valid()) throw SetupError{errno, "epoll_create1"};
-    wake_.reset(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
-    if (!wake_.valid()) throw SetupError{errno, "eventfd"};
+    // Level-triggered: a batch cap then simply leaves the rest for the next round, after the other fds.
     epoll_event event{};
     event.events = EPOLLIN;
-    event.data.ptr = nullptr;  // the wake-up eventfd
-    if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, wake_.get(), &event) < 0) {
-      throw SetupError{errno, "epoll_ctl"};
-    }
-    // Level-triggered: a batch cap then simply leaves the rest for the next round, after the other fds.
-    event.events = EPOLLIN;
     event.data.ptr = this;  // the tun
-    if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, tun_, &event) < 0) {
+    if (epoll_ctl(epoll_fd(), EPOLL_CTL_ADD, tun_, &event) < 0) {
       throw SetupError{errno, "epoll_ctl"};
     }
     tun_polled_ = true;
     if (sink_ >= 0) {
       event.events = EPOLLIN;
       event.data.ptr = &sink_;  // the sink: any address that is neither nullptr, this nor a Flow
-      if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, sink_, &event) < 0) {
+      if (epoll_ctl(epoll_fd(), EPOLL_CTL_ADD, sink_, &event) < 0) {
         int err = errno;
-        epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, tun_, nullptr);
+        epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, tun_, nullptr);
         tun_polled_ = false;
         throw SetupError{err, "epoll_ctl"};
       }
@@ -333,7 +300,7 @@ class OnRampLoop {
         pending_closes_++;
       }
       if (next_id_ <= flow->id) next_id_ = flow->id + 1;
-      if (SetNonblocking(flow->fd) < 0 || flows_.count(flow->tuple) != 0) {
+      if (MakeNonblocking(flow->fd) < 0 || flows_.count(flow->tuple) != 0) {
         if (flow->closing) pending_closes_--;
         ::close(flow->fd);
         continue;
@@ -341,7 +308,7 @@ class OnRampLoop {
       epoll_event flow_event{};
       flow_event.events = EPOLLIN;
       flow_event.data.ptr = flow.get();
-      if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, flow->fd, &flow_event) < 0) {
+      if (epoll_ctl(epoll_fd(), EPOLL_CTL_ADD, flow->fd, &flow_event) < 0) {
         if (flow->closing) pending_closes_--;
         ::close(flow->fd);
         continue;
@@ -349,43 +316,29 @@ class OnRampLoop {
       flows_.emplace(flow->tuple, std::move(flow));
       shared_->flows.fetch_add(1, std::memory_order_relaxed);
     }
-    // The thread starts with every signal blocked, so no process signal (SIGINT, SIGCHLD...) is ever delivered
-    // to it: blocking them inside the thread would leave a window. The caller's mask is restored right after.
-    sigset_t all, previous;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &previous);
     try {
-      thread_ = std::thread([this] { Run(); });
-    } catch (...) {
-      pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+      Start([this] { Run(); });
+    } catch (const std::system_error&) {
       // The adopted flows are ours now: closing them ends them cleanly (EOF on the Bumblebee end).
       for (auto& [tuple, flow] : flows_) ::close(flow->fd);
       shared_->flows.fetch_sub(static_cast<int64_t>(flows_.size()));
       flows_.clear();
       throw;
     }
-    pthread_sigmask(SIG_SETMASK, &previous, nullptr);
   }
 
+  // Stop() (EngineThread) ends the loop, which closes our end of every flow as it leaves.
   ~OnRampLoop() { Stop(); }
 
-  OnRampLoop(const OnRampLoop&) = delete;
-  OnRampLoop& operator=(const OnRampLoop&) = delete;
-
-  // Stops the loop and closes our end of every flow. Idempotent; only for the JS thread.
-  void Stop() {
-    if (!thread_.joinable()) return;
-    Join();
-  }
-
   // Stops the loop without closing any flow and hands every flow out (their fds are the caller's from here).
-  // Only for the JS thread; after it the loop is finished (it cannot be restarted: make a new one).
+  // Only for the JS thread; after it the loop is finished (it cannot be restarted: make a new one). The flag is
+  // posted ahead of Stop()'s own command, so the loop has it by the time it leaves; after Stop() (or a loop that
+  // already left on an epoll error) the flows are closed and there is nothing to hand out.
   std::vector<ExportedFlow> Export() {
-    std::vector<ExportedFlow> exported;
-    if (!thread_.joinable()) return exported;
-    export_.store(true, std::memory_order_release);
-    Join();
+    Post([this] { exporting_ = true; });
+    Stop();
     // Joined: the thread is gone, so flows_ is ours to read.
+    std::vector<ExportedFlow> exported;
     int64_t now = MonotonicMs();
     for (auto& [tuple, flow] : flows_) {
       ExportedFlow out;
@@ -408,29 +361,19 @@ class OnRampLoop {
   uint64_t next_id() const { return next_id_; }
 
  private:
-  void Join() {
-    stopping_.store(true, std::memory_order_release);
-    uint64_t one = 1;
-    ssize_t ignored = write(wake_.get(), &one, sizeof one);
-    (void)ignored;  // EAGAIN only at a counter of 2^64-1: the thread is awake then anyway
-    thread_.join();
-  }
-
   void Run() {
     epoll_event events[256];
     int64_t next_tick = MonotonicMs() + kTimerTickMs;
-    while (!stopping_.load(std::memory_order_acquire)) {
+    while (!stopping()) {
       int timeout = -1;
       if (Timed()) timeout = static_cast<int>(std::clamp<int64_t>(next_tick - MonotonicMs(), 0, kTimerTickMs));
-      int count = epoll_wait(epoll_.get(), events, 256, timeout);
+      int count = epoll_wait(epoll_fd(), events, 256, timeout);
       if (count < 0 && errno != EINTR) break;  // EBADF/EINVAL: our own epoll fd is broken; nothing to wait on
       now_ = MonotonicMs();
       for (int i = 0; i < count; i++) {
         void* tag = events[i].data.ptr;
         if (tag == nullptr) {
-          uint64_t counter;
-          ssize_t ignored = read(wake_.get(), &counter, sizeof counter);
-          (void)ignored;
+          RunCommands();
         } else if (tag == this) {
           ReadTun();
         } else if (tag == &sink_) {
@@ -447,19 +390,18 @@ class OnRampLoop {
       }
       graveyard_.clear();
     }
-    bool exporting = export_.load(std::memory_order_acquire);
     for (auto& [tuple, flow] : flows_) {
-      epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, flow->fd, nullptr);
+      epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, flow->fd, nullptr);
       // Exported flows stay open: Export() hands them out once the thread has been joined.
-      if (!exporting) ::close(flow->fd);
+      if (!exporting_) ::close(flow->fd);
     }
-    if (!exporting) {
+    if (!exporting_) {
       shared_->flows.fetch_sub(static_cast<int64_t>(flows_.size()));
       flows_.clear();
     }
     graveyard_.clear();
     // The tun stays open (it is the caller's), so take it off our epoll set explicitly.
-    if (tun_polled_) epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, tun_, nullptr);
+    if (tun_polled_) epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, tun_, nullptr);
     tun_polled_ = false;
     // Likewise the sink, which is borrowed.
     StopSink();
@@ -477,7 +419,7 @@ class OnRampLoop {
         // EBADFD (the device was deleted) and the like do not heal, and level-triggered epoll would report
         // them forever: stop reading the tun. The flows keep running until they end or idle out.
         shared_->Count(kDropTunReadError);
-        epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, tun_, nullptr);
+        epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, tun_, nullptr);
         tun_polled_ = false;
         return;
       }
@@ -543,7 +485,7 @@ class OnRampLoop {
     SetFlowSocketBuffers(theirs.get());
     // Only our end is nonblocking: O_NONBLOCK lives on the open file description, and the other end goes to
     // another process, which decides for itself.
-    if (SetNonblocking(ours.get()) < 0) {
+    if (MakeNonblocking(ours.get()) < 0) {
       shared_->Count(kDropFlowSetup);
       return;
     }
@@ -554,7 +496,7 @@ class OnRampLoop {
     epoll_event event{};
     event.events = EPOLLIN;  // EPOLLHUP and EPOLLERR are always reported
     event.data.ptr = flow.get();
-    if (epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, ours.get(), &event) < 0) {
+    if (epoll_ctl(epoll_fd(), EPOLL_CTL_ADD, ours.get(), &event) < 0) {
       shared_->Count(kDropFlowSetup);
       return;
     }
@@ -578,7 +520,7 @@ class OnRampLoop {
     flows_.emplace(tuple, std::move(flow));
     shared_->flows.fetch_add(1, std::memory_order_relaxed);
     shared_->flows_total.fetch_add(1, std::memory_order_relaxed);
-    shared_->Deliver(std::move(record));
+    shared_->new_flows.Push(std::move(record));
   }
 
   void OnFlowEvent(Flow* flow, uint32_t events) {
@@ -689,7 +631,7 @@ class OnRampLoop {
   // Stops reading the sink; it stays open (it is the caller's), and tun -> sink keeps trying (and counting).
   void StopSink() {
     if (!sink_polled_) return;
-    epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, sink_, nullptr);
+    epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, sink_, nullptr);
     sink_polled_ = false;
   }
 
@@ -721,7 +663,7 @@ class OnRampLoop {
     if (flow->closed) return;
     flow->closed = true;
     // Off epoll before close(2), so no later event can name it.
-    epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, flow->fd, nullptr);
+    epoll_ctl(epoll_fd(), EPOLL_CTL_DEL, flow->fd, nullptr);
     ::close(flow->fd);
     flow->fd = -1;
     if (flow->closing) pending_closes_--;
@@ -739,14 +681,10 @@ class OnRampLoop {
   int64_t close_delay_ms_;
   int64_t idle_timeout_ms_;
   std::unique_ptr<uint8_t[]> buffer_;
-  FileDescriptor epoll_;
-  FileDescriptor wake_;
   bool tun_polled_ = false;
   bool sink_polled_ = false;
-  std::atomic<bool> stopping_{false};
-  std::atomic<bool> export_{false};  // stop without closing the flows (pause)
-  std::thread thread_;
-  // Touched only by the loop thread.
+  // Touched only by the loop thread (and by Export() once it has joined it).
+  bool exporting_ = false;  // stop without closing the flows (pause); set by a command Export() posts
   std::unordered_map<Tuple, std::unique_ptr<Flow>, TupleHash> flows_;
   std::vector<std::unique_ptr<Flow>> graveyard_;
   int pending_closes_ = 0;
@@ -773,8 +711,8 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
   explicit OnRamp(const Napi::CallbackInfo& info)
       : ObjectWrap(info),
         addon_(Fdferry::Of(info.Env())),
-        async_context_(info.Env(), "fdferry:OnRamp", info.This().As<Napi::Object>()),
-        shared_(std::make_shared<OnRampShared>()) {
+        shared_(std::make_shared<OnRampShared>()),
+        events_(info.Env(), "fdferry:OnRamp", info.This().As<Napi::Object>()) {
     Napi::Env env = info.Env();
     if (info.Length() < 3 || !info[0].IsNumber() || !info[1].IsObject() || !info[2].IsFunction()) {
       throw Napi::TypeError::New(env, "createOnRamp(tunFd, options, onFlows)");
@@ -806,25 +744,21 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
     if (!flows.IsUndefined()) adopted = ParseFlows(env, flows);
     next_id = static_cast<uint64_t>(NumberField(options, "nextFlowId", 1, 1, kMaxSafeInteger));
     // The tun is the caller's, but read(2) has no MSG_DONTWAIT: the loop needs it nonblocking.
-    if (SetNonblocking(tun_fd) < 0) throw ErrnoException(env, errno, "fcntl");
-    on_flows_ = Napi::Persistent(info[2].As<Napi::Function>());
+    if (MakeNonblocking(tun_fd) < 0) throw ErrnoException(env, errno, "fcntl");
     tun_fd_ = tun_fd;
     config_ = config;
 
-    int status = notify_.Init(addon_.pendingCloses(),
-                              [&](uv_async_t* handle) { return uv_async_init(addon_.loop(), handle, OnNotify); });
-    if (status < 0) throw ErrnoException(env, -status, "uv_async_init");
-    notify_.get()->data = this;
-    shared_->notify = notify_.get();
+    // Open for the on-ramp's whole life, paused or not: pause and resume replace the loop, not the handle.
+    events_.Open<OnRamp, &OnRamp::DeliverFlows>(addon_, shared_->new_flows, this, info[2].As<Napi::Function>());
     try {
       loop_ = std::make_unique<OnRampLoop>(shared_, tun_fd, config, adopted, next_id);
     } catch (const SetupError& error) {
-      notify_.Close();
+      events_.Close();
       // Not adopted (setup failed before): the flows are the caller's again, as on any throw.
       throw ErrnoException(env, error.err, error.syscall);
     } catch (const std::system_error& error) {
-      notify_.Close();
-      throw ErrnoException(env, error.code().value(), "pthread_create");
+      events_.Close();
+      throw ErrnoException(env, error);
     }
     addon_.Register(static_cast<LoopResource*>(this));
     // Strong while running: new flows call back into this object from the loop.
@@ -837,10 +771,8 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
     if (closed_) return;
     closed_ = true;
     StopLoop();
-    // Joined before the handle closes: the thread may call uv_async_send until it has stopped.
-    notify_.Close();
+    events_.Close();  // empty: StopLoop has taken the outbox
     addon_.Unregister(static_cast<LoopResource*>(this));
-    on_flows_.Reset();
     Unref();
   }
 
@@ -880,7 +812,7 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
       loop_.reset();
       next_id_after_pause_ = next_id;
     }
-    std::vector<FlowRecord> pending = shared_->TakeOutbox();
+    std::vector<FlowRecord> pending = shared_->new_flows.Take();
     Napi::Object result = Napi::Object::New(env);
     Napi::Array flows = Napi::Array::New(env, exported.size());
     uint32_t index = 0;
@@ -926,7 +858,7 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
     } catch (const SetupError& error) {
       throw ErrnoException(env, error.err, error.syscall);
     } catch (const std::system_error& error) {
-      throw ErrnoException(env, error.code().value(), "pthread_create");
+      throw ErrnoException(env, error);
     }
   }
 
@@ -957,12 +889,7 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
       flow.tuple.sport = static_cast<uint16_t>(NumberField(tuple, "clientPort", 0, 0, 65535));
       flow.tuple.dport = static_cast<uint16_t>(NumberField(tuple, "destinationPort", 0, 0, 65535));
       const std::pair<const char*, uint8_t*> addresses[] = {{"clientAddress", flow.tuple.src}, {"destinationAddress", flow.tuple.dst}};
-      for (auto [name, target] : addresses) {
-        Napi::Value address = tuple.Get(name);
-        if (!address.IsString() || inet_pton(family == 4 ? AF_INET : AF_INET6, address.As<Napi::String>().Utf8Value().c_str(), target) != 1) {
-          throw Napi::TypeError::New(env, std::string("\"") + name + "\" must be an IPv" + std::to_string(family) + " address");
-        }
-      }
+      for (auto [name, target] : addresses) AddressField(tuple, name, family, target);
       int type = 0;
       socklen_t length = sizeof type;
       if (getsockopt(flow.fd, SOL_SOCKET, SO_TYPE, &type, &length) < 0 || type != SOCK_SEQPACKET) {
@@ -977,12 +904,7 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
   void StopLoop() {
     if (loop_) loop_->Stop();
     loop_.reset();
-    for (FlowRecord& record : shared_->TakeOutbox()) ::close(record.fd);
-  }
-
-  static void OnNotify(uv_async_t* handle) {
-    auto* self = static_cast<OnRamp*>(handle->data);
-    AtLoopBoundary(self->Env(), [self] { self->DeliverFlows(); });
+    for (FlowRecord& record : shared_->new_flows.Take()) ::close(record.fd);
   }
 
   // A new flow as onFlows (and pause's `pending`) give it to JS.
@@ -1000,24 +922,15 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
     return object;
   }
 
-  void DeliverFlows() {
-    if (closed_ || on_flows_.IsEmpty()) return;
-    std::vector<FlowRecord> flows = shared_->TakeOutbox();
-    if (flows.empty()) return;
-    Napi::Env env = Env();
-    Napi::Array list = Napi::Array::New(env, flows.size());
-    uint32_t index = 0;
-    for (const FlowRecord& f : flows) list.Set(index++, RecordObject(env, f));
-    // From here the fds are JS's, even if the callback throws.
-    CallIntoJs(env, async_context_, Value(), on_flows_.Value(), {list});
-  }
+  // Once taken from the outbox the fds are JS's, even if the callback throws. Nothing after close(): events_ is
+  // closed by then.
+  void DeliverFlows() { events_.Deliver(Value(), RecordObject); }
 
   Fdferry& addon_;
-  Napi::AsyncContext async_context_;
-  Napi::FunctionReference on_flows_;
   std::shared_ptr<OnRampShared> shared_;
+  EngineEvents<FlowRecord> events_;
+  // Stopped (joined) before events_ closes, in the order engine_events.h gives.
   std::unique_ptr<OnRampLoop> loop_;  // null while paused
-  UvHandle<uv_async_t> notify_;
   int tun_fd_ = -1;  // borrowed, for resume()
   OnRampConfig config_;
   uint64_t next_id_after_pause_ = 1;
@@ -1025,10 +938,7 @@ class OnRamp final : public Napi::ObjectWrap<OnRamp>, public LoopResource {
 };
 
 Napi::Value CreateOnRamp(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  return Fdferry::Of(env).onRampClass.New({info.Length() > 0 ? info[0] : env.Undefined(),
-                                           info.Length() > 1 ? info[1] : env.Undefined(),
-                                           info.Length() > 2 ? info[2] : env.Undefined()});
+  return Construct(Fdferry::Of(info.Env()).onRampClass, info, 3);
 }
 
 }  // namespace
