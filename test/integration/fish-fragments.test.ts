@@ -13,15 +13,12 @@
 // - Overlapping, incomplete and oversized fragments, and those past the table's bound, are dropped and counted.
 import t from 'tap';
 import { createHash } from 'node:crypto';
-import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { spawn, spawnSync } from 'node:child_process';
 import { loadNative } from '../../lib/native.js';
-import type { FishStats, SeqpacketSocket } from '../../lib/native.js';
+import type { FishStats } from '../../lib/native.js';
+import { sh, startPumpHarness, until } from '../helpers/fish-pump-harness.js';
 import { fragmentIpv4, fragmentIpv6, icmpEchoPacket, parseIpPacket, udpPacket } from '../helpers/packets.js';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const childScript = path.resolve(here, '..', 'helpers', 'fish-pump-child.ts');
 const isRoot = process.getuid?.() === 0;
 const tools = ['ip', 'nft'].every((tool) => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0);
 const skip = !isRoot ? 'needs root (namespaces, tun, conntrack)' : !tools ? 'needs ip and nft' : false;
@@ -38,51 +35,12 @@ const FRAGMENT_TIMEOUT_MS = 500;
 
 t.setTimeout(120_000);
 
-/** Polls `condition` until it holds or `ms` pass; never a fixed sleep. */
-async function until<T>(what: string, condition: () => T | undefined | null | false | Promise<T | undefined | null | false>, ms = 5000): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const value = await condition();
-    if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-}
-
 const sha = (data: Buffer) => createHash('sha256').update(data).digest('hex');
 /** Deterministic, non-repeating test bytes (a repeated pattern would hide misplaced fragments). */
 const bytes = (length: number, seed: number) => Buffer.from(Array.from({ length }, (_, i) => (i * 131 + seed + (i >> 8) * 7) & 0xff));
 
 t.test('fragments through the fish pump', { skip }, async (t) => {
   const native = loadNative();
-  const suffix = `${process.pid}-${Math.random().toString(36).slice(2, 6)}`;
-  const host = `ffH-${suffix}`;
-  const origin = `ffO-${suffix}`;
-  const started: ChildProcess[] = [];
-  const sh = (args: string[], input?: string) => execFileSync(args[0]!, args.slice(1), { encoding: 'utf8', input, stdio: ['pipe', 'pipe', 'pipe'] });
-
-  t.teardown(() => {
-    for (const child of started) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-    for (const ns of [host, origin]) spawnSync('ip', ['netns', 'del', ns], { stdio: 'ignore' });
-  });
-
-  // --- topology (as fish-pump.test.ts) -------------------------------------------------------------------
-  sh(['ip', 'netns', 'add', host]);
-  sh(['ip', 'netns', 'add', origin]);
-  sh(['ip', '-n', host, 'link', 'add', 'h-o', 'type', 'veth', 'peer', 'name', 'o-h', 'netns', origin]);
-  sh(['ip', '-n', host, 'addr', 'add', '198.51.100.1/24', 'dev', 'h-o']);
-  sh(['ip', '-n', origin, 'addr', 'add', `${ORIGIN}/24`, 'dev', 'o-h']);
-  for (const [ns, dev] of [[host, 'h-o'], [origin, 'o-h'], [host, 'lo'], [origin, 'lo']] as const) sh(['ip', '-n', ns, 'link', 'set', dev, 'up']);
-  sh(['ip', '-n', host, 'addr', 'add', '2001:db8:1::1/64', 'dev', 'h-o', 'nodad']);
-  sh(['ip', '-n', origin, 'addr', 'add', `${ORIGIN6}/64`, 'dev', 'o-h', 'nodad']);
-  sh(['ip', '-n', origin, 'route', 'add', 'default', 'via', '198.51.100.1']);
-  sh(['ip', '-n', origin, '-6', 'route', 'add', 'default', 'via', '2001:db8:1::1']);
-  sh(['ip', 'netns', 'exec', host, 'sysctl', '-q', '-w', 'net.ipv4.ip_forward=1', 'net.ipv4.conf.all.rp_filter=1',
-    'net.ipv4.conf.default.rp_filter=1', 'net.ipv6.conf.all.forwarding=1']);
-  sh(['ip', 'netns', 'exec', host, 'nft', '-f', '-'], 'table inet fishct {\n  chain pre {\n    type filter hook prerouting priority -150; policy accept;\n    ct label 127 counter\n  }\n}\n');
-  sh(['ip', '-n', host, 'tuntap', 'add', 'fish0', 'mode', 'tun']);
-
-  // --- origin: UDP echo on :9000 per family, logging the length and hash of what arrived --------------------
   const originCode = `
     const dgram = require('node:dgram'), crypto = require('node:crypto');
     for (const [type, address] of [['udp4', '${ORIGIN}'], ['udp6', '${ORIGIN6}']]) {
@@ -95,12 +53,10 @@ t.test('fragments through the fish pump', { skip }, async (t) => {
     }
     setImmediate(() => console.log('ready'));
   `;
-  const server = spawn('ip', ['netns', 'exec', origin, process.execPath, '-e', originCode], { stdio: ['ignore', 'pipe', 'pipe'] });
-  started.push(server);
-  let originLog = '';
-  server.stdout!.on('data', (chunk: Buffer) => (originLog += chunk.toString()));
-  server.stderr!.on('data', (chunk: Buffer) => (originLog += chunk.toString()));
-  await until('the origin servers', () => originLog.includes('ready'));
+  const harness = await startPumpHarness(t, native, 'ff', originCode);
+  const { host, origin, call, track } = harness;
+  const [clientFd, unused] = harness.clientFds as [number, number];
+  native.closeAll([unused]);
 
   /** The origin's reassembly counter (IpReasmOKs / Ip6ReasmOKs): what arrived there as fragments. */
   const originReassembled = (family: 4 | 6): number => {
@@ -114,49 +70,6 @@ t.test('fragments through the fish pump', { skip }, async (t) => {
     return Number(values[names.indexOf('ReasmOKs')]);
   };
 
-  // --- the pump's process ------------------------------------------------------------------------------------
-  const [controlMine, controlTheirs] = native.seqpacketPair();
-  const [clientFd, pumpFd] = native.seqpacketPair();
-  const [spareFd, spareTheirs] = native.seqpacketPair();
-  const child = spawn('ip', ['netns', 'exec', host, process.execPath, ...process.execArgv, childScript, host], {
-    stdio: ['ignore', 'pipe', 'pipe', controlTheirs, pumpFd, spareTheirs],
-  });
-  started.push(child);
-  native.closeAll([controlTheirs, pumpFd, spareTheirs, spareFd]);
-  let childLog = '';
-  child.stdout!.on('data', (chunk: Buffer) => (childLog += chunk.toString()));
-  child.stderr!.on('data', (chunk: Buffer) => (childLog += chunk.toString()));
-
-  const pending = new Map<number, { resolve: (value: unknown) => void; reject: (error: Error) => void }>();
-  let ready = false;
-  let nextId = 1;
-  const control: SeqpacketSocket = native.openSeqpacket(controlMine, {
-    message: (data) => {
-      const message = JSON.parse(data.toString()) as { id?: number; result?: unknown; error?: { code: string | null; message: string }; ready?: boolean };
-      if (message.ready) ready = true;
-      if (message.id !== undefined) {
-        const waiter = pending.get(message.id);
-        pending.delete(message.id);
-        if (message.error) waiter?.reject(Object.assign(new Error(message.error.message), { code: message.error.code }));
-        else waiter?.resolve(message.result);
-      }
-    },
-    drain: () => {},
-    close: () => {
-      for (const waiter of pending.values()) waiter.reject(new Error(`the pump process went away: ${childLog}`));
-      pending.clear();
-    },
-  });
-  t.teardown(() => control.close());
-  const call = <T>(op: string, arg?: unknown): Promise<T> =>
-    new Promise<T>((resolve, reject) => {
-      const id = nextId++;
-      pending.set(id, { resolve: resolve as (value: unknown) => void, reject });
-      control.send(Buffer.from(JSON.stringify({ id, op, arg })), []);
-    });
-  await until('the pump process', () => ready, 15_000).catch((error: Error) => {
-    throw new Error(`${error.message}; its output: ${childLog}`);
-  });
 
   sh(['ip', '-n', host, 'link', 'set', 'fish0', 'up']);
   sh(['ip', '-n', host, 'route', 'add', 'default', 'dev', 'fish0', 'table', '4242']);
@@ -213,7 +126,7 @@ t.test('fragments through the fish pump', { skip }, async (t) => {
       t.equal(echo.dst, family === 4 ? CLIENT : CLIENT6, 'to the client address');
       t.equal(echo.sport, 9000);
 
-      const seen = new RegExp(`^udp ${escape(family === 4 ? E : E6)} (\\d+) (\\d+) (\\w+)$`, 'm').exec(originLog);
+      const seen = new RegExp(`^udp ${escape(family === 4 ? E : E6)} (\\d+) (\\d+) (\\w+)$`, 'm').exec(harness.originLog());
       t.ok(seen && Number(seen[1]) >= LO && Number(seen[1]) <= HI, `the origin saw the egress address and a slice port: ${seen?.[0]}`);
       t.equal(Number(seen?.[2]), 3000, 'the origin got 3000 bytes');
       t.equal(seen?.[3], sha(payload), 'the origin got them intact');
@@ -245,7 +158,7 @@ t.test('fragments through the fish pump', { skip }, async (t) => {
       sh(['ip', '-n', host, 'link', 'set', 'fish0', 'mtu', '1500']);
     });
     const dump = spawn('ip', ['netns', 'exec', host, 'tcpdump', '-i', 'fish0', '-n', '-l', `ip6 and src host ${E6}`], { stdio: ['ignore', 'pipe', 'pipe'] });
-    started.push(dump);
+    track(dump);
     t.teardown(() => {
       if (dump.exitCode === null && dump.signalCode === null) dump.kill('SIGKILL');
     });
@@ -274,7 +187,7 @@ t.test('fragments through the fish pump', { skip }, async (t) => {
     // The echoes need not come back: the origin fragments them for its 1500-byte link, and the host refuses to
     // re-fragment them for a 1400-byte fish0 (it sends the origin a packet-too-big, as for any forwarded IPv6).
     await until('the origin to get the split datagram whole', () =>
-      originLog.split('\n').filter((line) => line.startsWith(`udp ${E6} `) && line.endsWith(` 3000 ${sha(payload)}`)).length === sent);
+      harness.originLog().split('\n').filter((line) => line.startsWith(`udp ${E6} `) && line.endsWith(` 3000 ${sha(payload)}`)).length === sent);
     t.pass(`the origin got all ${sent} datagrams whole`);
   });
 
@@ -294,7 +207,7 @@ t.test('fragments through the fish pump', { skip }, async (t) => {
     await until('four overlap drops', async () => ((await drops()).fragmentOverlap ?? 0) - before === 4);
     t.pass('the two held, and the two that came after the overlap, are counted as fragmentOverlap');
     t.notOk(replies.some((b) => parseIpPacket(b)?.dport === 5100), 'nothing went through');
-    t.notOk(originLog.includes(sha(bytes(3000, 7))), 'the origin never saw it');
+    t.notOk(harness.originLog().includes(sha(bytes(3000, 7))), 'the origin never saw it');
   });
 
   await t.test('incomplete datagrams time out, a full table and an oversized datagram refuse, each counted', async (t) => {

@@ -4,15 +4,12 @@
 // started in the host namespace (its conntrack socket must be there, as the daemon's is); this process plays
 // the proxy: it writes raw client packets on the registration socket and reads what comes back.
 import t from 'tap';
-import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { spawn, spawnSync } from 'node:child_process';
 import { loadNative } from '../../lib/native.js';
-import type { FishEvent, FishMappingRow, FishStats, SeqpacketSocket } from '../../lib/native.js';
+import type { FishEvent, FishMappingRow, FishStats } from '../../lib/native.js';
+import { sh, startPumpHarness, until } from '../helpers/fish-pump-harness.js';
 import { ACK, RST, SYN, icmpEchoPacket, mssOption, parseIpPacket, parseTcpPacket, tcpPacket, udpPacket } from '../helpers/packets.js';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const childScript = path.resolve(here, '..', 'helpers', 'fish-pump-child.ts');
 const isRoot = process.getuid?.() === 0;
 const tools = ['ip', 'nft', 'conntrack'].every((tool) => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0);
 const skip = !isRoot ? 'needs root (namespaces, tun, conntrack)' : !tools ? 'needs ip, nft and conntrack' : false;
@@ -31,48 +28,8 @@ const MSS_CLAMP = 1240;
 
 t.setTimeout(120_000);
 
-/** Polls `condition` until it holds or `ms` pass; never a fixed sleep. */
-async function until<T>(what: string, condition: () => T | undefined | null | false | Promise<T | undefined | null | false>, ms = 5000): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const value = await condition();
-    if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-}
-
 t.test('the fish pump NATs a registration through a tun with conntrack reservations', { skip }, async (t) => {
   const native = loadNative();
-  const suffix = `${process.pid}-${Math.random().toString(36).slice(2, 6)}`;
-  const host = `fpH-${suffix}`;
-  const origin = `fpO-${suffix}`;
-  const started: ChildProcess[] = [];
-  const sh = (args: string[], input?: string) => execFileSync(args[0]!, args.slice(1), { encoding: 'utf8', input, stdio: ['pipe', 'pipe', 'pipe'] });
-  const inHost = (...args: string[]) => sh(['ip', 'netns', 'exec', host, ...args]);
-
-  t.teardown(() => {
-    for (const child of started) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-    for (const ns of [host, origin]) spawnSync('ip', ['netns', 'del', ns], { stdio: 'ignore' });
-  });
-
-  // --- topology -------------------------------------------------------------------------------------------
-  sh(['ip', 'netns', 'add', host]);
-  sh(['ip', 'netns', 'add', origin]);
-  sh(['ip', '-n', host, 'link', 'add', 'h-o', 'type', 'veth', 'peer', 'name', 'o-h', 'netns', origin]);
-  sh(['ip', '-n', host, 'addr', 'add', '198.51.100.1/24', 'dev', 'h-o']);
-  sh(['ip', '-n', origin, 'addr', 'add', `${ORIGIN}/24`, 'dev', 'o-h']);
-  for (const [ns, dev] of [[host, 'h-o'], [origin, 'o-h'], [host, 'lo'], [origin, 'lo']] as const) sh(['ip', '-n', ns, 'link', 'set', dev, 'up']);
-  sh(['ip', '-n', host, 'addr', 'add', '2001:db8:1::1/64', 'dev', 'h-o', 'nodad']);
-  sh(['ip', '-n', origin, 'addr', 'add', `${ORIGIN6}/64`, 'dev', 'o-h', 'nodad']);
-  sh(['ip', '-n', origin, 'route', 'add', 'default', 'via', '198.51.100.1']);
-  sh(['ip', '-n', origin, '-6', 'route', 'add', 'default', 'via', '2001:db8:1::1']);
-  inHost('sysctl', '-q', '-w', 'net.ipv4.ip_forward=1', 'net.ipv4.conf.all.rp_filter=1', 'net.ipv4.conf.default.rp_filter=1',
-    'net.ipv6.conf.all.forwarding=1');
-  sh(['ip', 'netns', 'exec', host, 'nft', '-f', '-'], 'table inet fishct {\n  chain pre {\n    type filter hook prerouting priority -150; policy accept;\n    ct label 127 counter\n  }\n}\n');
-  sh(['ip', '-n', host, 'tuntap', 'add', 'fish0', 'mode', 'tun']);
-
-  // --- origin servers: UDP echo on :9000 and :9001 (one socket per port, bound to the address), TCP :7 ----
   const originCode = `
     const dgram = require('node:dgram'), net = require('node:net');
     for (const [type, address, port] of [['udp4', '${ORIGIN}', 9000], ['udp4', '${ORIGIN}', 9001], ['udp6', '${ORIGIN6}', 9000]]) {
@@ -82,58 +39,10 @@ t.test('the fish pump NATs a registration through a tun with conntrack reservati
     }
     net.createServer((c) => { console.log('tcp ' + c.remoteAddress + ' ' + c.remotePort); c.destroy(); }).listen(7, '${ORIGIN}', () => console.log('ready'));
   `;
-  const server = spawn('ip', ['netns', 'exec', origin, process.execPath, '-e', originCode], { stdio: ['ignore', 'pipe', 'pipe'] });
-  started.push(server);
-  let originLog = '';
-  server.stdout!.on('data', (chunk: Buffer) => (originLog += chunk.toString()));
-  server.stderr!.on('data', (chunk: Buffer) => (originLog += chunk.toString()));
-  await until('the origin servers', () => originLog.includes('ready'));
-
-  // --- the pump's process -------------------------------------------------------------------------------
-  const [controlMine, controlTheirs] = native.seqpacketPair();
-  const [clientFd, pumpFd] = native.seqpacketPair();
-  const [client2Fd, pump2Fd] = native.seqpacketPair();
-  const child = spawn('ip', ['netns', 'exec', host, process.execPath, ...process.execArgv, childScript, host], {
-    stdio: ['ignore', 'pipe', 'pipe', controlTheirs, pumpFd, pump2Fd],
-  });
-  started.push(child);
-  native.closeAll([controlTheirs, pumpFd, pump2Fd]);
-  let childLog = '';
-  child.stdout!.on('data', (chunk: Buffer) => (childLog += chunk.toString()));
-  child.stderr!.on('data', (chunk: Buffer) => (childLog += chunk.toString()));
-
-  const events: FishEvent[] = [];
-  const pending = new Map<number, { resolve: (value: unknown) => void; reject: (error: Error) => void }>();
-  let ready = false;
-  let nextId = 1;
-  const control: SeqpacketSocket = native.openSeqpacket(controlMine, {
-    message: (data) => {
-      const message = JSON.parse(data.toString()) as { id?: number; result?: unknown; error?: { code: string | null; message: string }; events?: FishEvent[]; ready?: boolean };
-      if (message.ready) ready = true;
-      if (message.events) events.push(...message.events);
-      if (message.id !== undefined) {
-        const waiter = pending.get(message.id);
-        pending.delete(message.id);
-        if (message.error) waiter?.reject(Object.assign(new Error(message.error.message), { code: message.error.code }));
-        else waiter?.resolve(message.result);
-      }
-    },
-    drain: () => {},
-    close: () => {
-      for (const waiter of pending.values()) waiter.reject(new Error(`the pump process went away: ${childLog}`));
-      pending.clear();
-    },
-  });
-  t.teardown(() => control.close());
-  const call = <T>(op: string, arg?: unknown): Promise<T> =>
-    new Promise<T>((resolve, reject) => {
-      const id = nextId++;
-      pending.set(id, { resolve: resolve as (value: unknown) => void, reject });
-      control.send(Buffer.from(JSON.stringify({ id, op, arg })), []);
-    });
-  await until('the pump process', () => ready, 15_000).catch((error: Error) => {
-    throw new Error(`${error.message}; its output: ${childLog}`);
-  });
+  const harness = await startPumpHarness(t, native, 'fp', originCode);
+  const { host, origin, call, events, track } = harness;
+  const [clientFd, client2Fd] = harness.clientFds as [number, number];
+  const inHost = (...args: string[]) => sh(['ip', 'netns', 'exec', host, ...args]);
 
   // Routes and rules once the tun has its reader (notes §3: rules cover the slice before it is used).
   sh(['ip', '-n', host, 'link', 'set', 'fish0', 'up']);
@@ -197,7 +106,7 @@ t.test('the fish pump NATs a registration through a tun with conntrack reservati
     t.equal(packet.dst, CLIENT, 'to the client address');
     t.equal(packet.l4.readUInt16BE(0), 9000, 'from the server port');
     t.ok(packet.checksumsValid, 'IPv4 header and UDP checksums verify');
-    const seen = /^udp (\S+) (\d+) 9000$/m.exec(originLog);
+    const seen = /^udp (\S+) (\d+) 9000$/m.exec(harness.originLog());
     t.equal(seen?.[1], E, 'the origin saw the egress address');
     const port = Number(seen?.[2]);
     t.ok(port >= LO && port <= HI, `the origin saw a slice port (${port})`);
@@ -295,7 +204,7 @@ t.test('the fish pump NATs a registration through a tun with conntrack reservati
     inHost('conntrack', '-D', '-p', 'udp', '-s', '10.9.9.9', '--sport', String(5003), '-d', ORIGIN, '--dport', '9001');
     client.send(udpTo(9001, 6001, 'through'), []);
     await reply('the echo on the freed port', isUdpReply(6001, 'through'));
-    t.match(originLog, new RegExp(`^udp ${E.replace(/\./g, '\\.')} ${LO + 3} 9001$`, 'm'), `the origin saw port ${LO + 3}`);
+    t.match(harness.originLog(), new RegExp(`^udp ${E.replace(/\./g, '\\.')} ${LO + 3} 9001$`, 'm'), `the origin saw port ${LO + 3}`);
     s = await registrationStats();
     t.ok(s.collisions - before.collisions >= 10, 'the occupied ports were skipped again');
   });
@@ -380,7 +289,7 @@ t.test('the fish pump NATs a registration through a tun with conntrack reservati
     await reply('the echo after the remap', isUdpReply(5000, 'remapped'));
     const moved = (await udpPort(5000)())!;
     t.not(moved.egressPort, port, `moved to another port (${moved.egressPort})`);
-    t.match(originLog, new RegExp(`^udp ${escape(E)} ${moved.egressPort} 9000$`, 'm'), 'the origin saw the new port');
+    t.match(harness.originLog(), new RegExp(`^udp ${escape(E)} ${moved.egressPort} 9000$`, 'm'), 'the origin saw the new port');
     s = await registrationStats();
     t.equal(s.drops.remapped, 1, 'counted as remapped');
   });
@@ -395,7 +304,7 @@ t.test('the fish pump NATs a registration through a tun with conntrack reservati
     t.equal(udp.dst, CLIENT6);
     t.equal(udp.l4.readUInt16BE(2), 5000);
     t.ok(udp.checksumsValid, 'UDP checksum verifies');
-    const seen = new RegExp(`^udp ${escape(E6)} (\\d+) 9000$`, 'm').exec(originLog);
+    const seen = new RegExp(`^udp ${escape(E6)} (\\d+) 9000$`, 'm').exec(harness.originLog());
     t.ok(seen && Number(seen[1]) >= LO && Number(seen[1]) <= HI, 'the origin saw the IPv6 egress address and a slice port');
     t.match(inHost('conntrack', '-L', '-f', 'ipv6', '-m', '0xf15e0001/0xffffffff'), /udp .*src=2001:db8:e::7 dst=2001:db8:1::2/, 'reserved in conntrack');
 
@@ -487,7 +396,7 @@ t.test('the fish pump NATs a registration through a tun with conntrack reservati
   await t.test('on the wire: fresh IPv4 IDs for DF=0 packets, clamped MSS in SYNs (IPv6: 20 less)', async (t) => {
     const dump = spawn('ip', ['netns', 'exec', origin, 'tcpdump', '-i', 'o-h', '-n', '-vv', '-l', '-c', '2',
       `(src host ${E} and udp dst port 9000) or (src host ${E6} and tcp dst port 7)`], { stdio: ['ignore', 'pipe', 'pipe'] });
-    started.push(dump);
+    track(dump);
     let seen = '';
     dump.stdout!.on('data', (chunk: Buffer) => (seen += chunk.toString()));
     dump.stderr!.on('data', (chunk: Buffer) => (seen += chunk.toString()));
