@@ -130,7 +130,8 @@ export const fishCleanupCommand: CommandModule = {
       .option('route-table', { type: 'number', default: h.routeTable, describe: 'the routing table Fish used' }),
   handler: (argv) => {
     const settings = fishHostSettingsFrom({ tunName: String(argv.tunName), mtu: h.mtu, routeTable: Number(argv.routeTable), rulePriority: h.rulePriority });
-    const removed = cleanupFishHost(loadNative(), settings);
-    console.log(removed.length ? `fdferry fish cleanup: removed ${removed.join(', ')}` : 'fdferry fish cleanup: nothing of Fish\'s was left');
+    const { removed, flushed } = cleanupFishHost(loadNative(), settings);
+    console.log(`fdferry fish cleanup: ${removed.length ? `removed ${removed.join(', ')}` : 'no rule, route, nftables table or tun of Fish\'s was left'}`);
+    console.log(`fdferry fish cleanup: flushed Fish's conntrack entries (${flushed.join(', ')})`);
   },
 };

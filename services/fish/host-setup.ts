@@ -113,14 +113,17 @@ export function createFishHost(context: DaemonContext, settings: FishHostSetting
   };
 }
 
-/** Removes everything of Fish's in this namespace; returns what it removed, for humans. */
-export function cleanupFishHost(binding: NativeBinding, settings: FishHostSettings): string[] {
+/** Removes everything of Fish's in this namespace; returns what it removed and what it flushed, for humans. */
+export function cleanupFishHost(binding: NativeBinding, settings: FishHostSettings): { removed: string[]; flushed: string[] } {
   const report = HostNetwork.cleanup(binding, { table: settings.routeTable, tunName: settings.tunName, mark: settings.markBase, markMask: FISH_MARK_MASK });
-  return [
-    ...(report.rulesRemoved ? [`${report.rulesRemoved} rule(s)`] : []),
-    ...(report.routesRemoved ? [`${report.routesRemoved} route(s) of table ${settings.routeTable}`] : []),
-    ...(report.nftTableRemoved ? ['the nftables table inet fishct'] : []),
-    ...(report.tunRemoved ? [`the tun ${settings.tunName}`] : []),
-    ...(report.conntrackFlushed.length ? [`Fish's conntrack entries (IPv${report.conntrackFlushed.join(', IPv')})`] : []),
-  ];
+  return {
+    removed: [
+      ...(report.rulesRemoved ? [`${report.rulesRemoved} rule(s)`] : []),
+      ...(report.routesRemoved ? [`${report.routesRemoved} route(s) of table ${settings.routeTable}`] : []),
+      ...(report.nftTableRemoved ? ['the nftables table inet fishct'] : []),
+      ...(report.tunRemoved ? [`the tun ${settings.tunName}`] : []),
+    ],
+    // A flush by mark does not say how many entries it deleted.
+    flushed: report.conntrackFlushed.map((family) => `IPv${family}`),
+  };
 }

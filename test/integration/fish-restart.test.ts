@@ -6,7 +6,7 @@ import t from 'tap';
 import { FishClient, type RegisterResult } from '../../lib/client/fish.js';
 import { loadNative } from '../../lib/native.js';
 import { HeldFlows } from '../helpers/bumblebee-topology.js';
-import { tempDir } from '../helpers/daemon.js';
+import { cliCommand, tempDir } from '../helpers/daemon.js';
 import { clientRelay, EGRESS4, EGRESS6, fishTopology, hostExec, ORIGIN4, ORIGIN6, ORIGIN_TCP_ECHO_PORT, ORIGIN_UDP_PORTS, startDaemonInHost, startOrigin, udpRequestIn, type FishOrigin } from '../helpers/fish-topology.js';
 import { eventually } from '../helpers/native-helpers.js';
 import { alive, Generations, reload } from '../helpers/restart.js';
@@ -82,7 +82,14 @@ t.test('a TCP connection and a UDP flow keep their egress ports across SIGHUP an
   const totals = await held.close();
   t.match(totals, { resets: 0 }, `no connection was reset: ${JSON.stringify(totals)}`);
 
-  second.kill('SIGTERM');
-  t.equal(await second.exited, 0, 'the last generation stopped cleanly');
-  t.notMatch(hostExec(topology, ['ip', 'link', 'show']), /fish0/, 'and removed its tun');
+  // After a crash, `fdferry fish cleanup` removes what the dead process left (a clean stop is fish-egress's).
+  second.kill('SIGKILL');
+  await second.exited;
+  const { command, args: cli } = cliCommand();
+  const cleanup = hostExec(topology, [command, ...cli, 'fish', 'cleanup']);
+  t.match(cleanup, /removed .*rule\(s\).*the nftables table inet fishct.*the tun fish0/, `cleanup names what it removed: ${cleanup.trim()}`);
+  t.notMatch(hostExec(topology, ['ip', 'rule', 'show']) + hostExec(topology, ['ip', '-6', 'rule', 'show']), /lookup 4242/, 'no rule left');
+  t.notMatch(hostExec(topology, ['ip', 'link', 'show']), /fish0/, 'no tun left');
+  t.notMatch(hostExec(topology, ['nft', 'list', 'ruleset']), /fishct/, 'no nftables table left');
+  t.notMatch(hostExec(topology, ['conntrack', '-L', '-m', `${0xf15e0000}/${0xffff0000}`]), /src=/, 'no conntrack entry of Fish\'s left');
 });
