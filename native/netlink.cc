@@ -39,6 +39,21 @@ namespace {
 // plus headroom means a truncated read (MSG_TRUNC) can only be a protocol fault, never a normal large batch.
 constexpr size_t kReceiveBuffer = 128 * 1024;
 
+// One datagram from a netlink socket, without blocking, with the sender's address in `from` (replies from the
+// kernel have nl_pid 0). MSG_TRUNC makes recvmsg return the datagram's real length; `truncated` says whether
+// it was cut to fit the buffer, which for netlink can only be a protocol fault (see kReceiveBuffer).
+ssize_t ReceiveDatagram(int fd, std::vector<uint8_t>& buffer, sockaddr_nl& from, bool& truncated) {
+  iovec iov{buffer.data(), buffer.size()};
+  msghdr header{};
+  header.msg_name = &from;
+  header.msg_namelen = sizeof from;
+  header.msg_iov = &iov;
+  header.msg_iovlen = 1;
+  ssize_t received = recvmsg(fd, &header, MSG_DONTWAIT | MSG_TRUNC);
+  truncated = received >= 0 && (static_cast<size_t>(received) > buffer.size() || (header.msg_flags & MSG_TRUNC) != 0);
+  return received;
+}
+
 // Names for the request types Fish sends, so an error says which step failed without the caller decoding it.
 // Anything else is shown by number.
 std::string RequestName(int protocol, uint16_t type) {
@@ -192,20 +207,14 @@ Napi::Value NetlinkRequest(const Napi::CallbackInfo& info) {
     if (ready == 0) throw NetlinkError(env, ETIMEDOUT, name, seq, "no answer from the kernel");
 
     sockaddr_nl from{};
-    iovec iov{buffer.data(), buffer.size()};
-    msghdr header{};
-    header.msg_name = &from;
-    header.msg_namelen = sizeof from;
-    header.msg_iov = &iov;
-    header.msg_iovlen = 1;
-    // MSG_TRUNC makes recvmsg return the datagram's real length, so a cut reply is seen as such.
-    ssize_t received = recvmsg(fd, &header, MSG_DONTWAIT | MSG_TRUNC);
+    bool truncated = false;
+    ssize_t received = ReceiveDatagram(fd, buffer, from, truncated);
     if (received < 0) {
       if (errno == EINTR || errno == EAGAIN) continue;
       // ENOBUFS: the socket's receive queue overflowed and a reply may be lost; the caller starts over.
       throw ErrnoException(env, errno, "recvmsg");
     }
-    if (static_cast<size_t>(received) > buffer.size() || (header.msg_flags & MSG_TRUNC)) {
+    if (truncated) {
       throw NetlinkError(env, EMSGSIZE, name, seq,
                          "a reply of " + std::to_string(received) + " bytes did not fit the receive buffer");
     }
@@ -283,13 +292,8 @@ Napi::Value NetlinkReceive(const Napi::CallbackInfo& info) {
       break;
     }
     sockaddr_nl from{};
-    iovec iov{buffer.data(), buffer.size()};
-    msghdr header{};
-    header.msg_name = &from;
-    header.msg_namelen = sizeof from;
-    header.msg_iov = &iov;
-    header.msg_iovlen = 1;
-    ssize_t received = recvmsg(fd, &header, MSG_DONTWAIT | MSG_TRUNC);
+    bool truncated = false;
+    ssize_t received = ReceiveDatagram(fd, buffer, from, truncated);
     if (received < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) break;
@@ -300,7 +304,7 @@ Napi::Value NetlinkReceive(const Napi::CallbackInfo& info) {
       throw ErrnoException(env, errno, "recvmsg");
     }
     // A cut datagram (larger than 128 KiB; events are a few hundred bytes) cannot be parsed: count it as lost.
-    if (static_cast<size_t>(received) > buffer.size() || (header.msg_flags & MSG_TRUNC)) {
+    if (truncated) {
       overflow = true;
       continue;
     }

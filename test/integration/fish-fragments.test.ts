@@ -16,19 +16,14 @@ import { createHash } from 'node:crypto';
 import { spawn, spawnSync } from 'node:child_process';
 import { loadNative } from '../../lib/native.js';
 import type { FishStats } from '../../lib/native.js';
-import { sh, startPumpHarness, until } from '../helpers/fish-pump-harness.js';
+import { PUMP_ADDRESSES, sh, startPumpHarness, until } from '../helpers/fish-pump-harness.js';
 import { fragmentIpv4, fragmentIpv6, icmpEchoPacket, parseIpPacket, udpPacket } from '../helpers/packets.js';
 
 const isRoot = process.getuid?.() === 0;
 const tools = ['ip', 'nft'].every((tool) => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0);
 const skip = !isRoot ? 'needs root (namespaces, tun, conntrack)' : !tools ? 'needs ip and nft' : false;
 
-const E = '203.0.113.7';
-const ORIGIN = '198.51.100.2';
-const CLIENT = '100.64.0.2';
-const E6 = '2001:db8:e::7';
-const ORIGIN6 = '2001:db8:1::2';
-const CLIENT6 = 'fd00:64::2';
+const { egress4: E, origin4: ORIGIN, client4: CLIENT, egress6: E6, origin6: ORIGIN6, client6: CLIENT6 } = PUMP_ADDRESSES;
 const LO = 40000;
 const HI = 40009;
 const FRAGMENT_TIMEOUT_MS = 500;

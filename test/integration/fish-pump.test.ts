@@ -7,19 +7,14 @@ import t from 'tap';
 import { spawn, spawnSync } from 'node:child_process';
 import { loadNative } from '../../lib/native.js';
 import type { FishEvent, FishMappingRow, FishStats } from '../../lib/native.js';
-import { sh, startPumpHarness, until } from '../helpers/fish-pump-harness.js';
+import { PUMP_ADDRESSES, sh, startPumpHarness, until } from '../helpers/fish-pump-harness.js';
 import { ACK, RST, SYN, icmpEchoPacket, mssOption, parseIpPacket, parseTcpPacket, tcpPacket, udpPacket } from '../helpers/packets.js';
 
 const isRoot = process.getuid?.() === 0;
 const tools = ['ip', 'nft', 'conntrack'].every((tool) => spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0);
 const skip = !isRoot ? 'needs root (namespaces, tun, conntrack)' : !tools ? 'needs ip, nft and conntrack' : false;
 
-const E = '203.0.113.7';
-const ORIGIN = '198.51.100.2';
-const CLIENT = '100.64.0.2';
-const E6 = '2001:db8:e::7';
-const ORIGIN6 = '2001:db8:1::2';
-const CLIENT6 = 'fd00:64::2';
+const { egress4: E, origin4: ORIGIN, client4: CLIENT, egress6: E6, origin6: ORIGIN6, client6: CLIENT6 } = PUMP_ADDRESSES;
 const REVALIDATE_MS = 300;
 const ICMP_IDLE_MS = 1500;
 const LO = 40000;
