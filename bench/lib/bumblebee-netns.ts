@@ -94,7 +94,8 @@ function deleteNamespace(name: string): void {
   }
 }
 
-function addNamespace(cleanups: Cleanups, name: string): void {
+/** Makes namespace `name` and registers its removal first, so a failure halfway still removes it. */
+export function addNamespace(cleanups: Cleanups, name: string): void {
   ip('netns', 'add', name);
   cleanups.add(`namespace ${name}`, () => deleteNamespace(name));
 }

@@ -17,7 +17,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import type { NativeBinding } from '../../lib/native.js';
-import type { Cleanups } from './bumblebee-netns.js';
+import { addNamespace, type Cleanups } from './bumblebee-netns.js';
 
 /** Addresses of the topology (notes/fish-kernel.md §10). */
 export const FISH_BENCH = {
@@ -52,19 +52,9 @@ export function run(command: string, args: string[]): string {
 export const execIn = (name: string, ...args: string[]): string => run('ip', ['netns', 'exec', name, ...args]);
 const ipIn = (name: string, ...args: string[]): string => run('ip', ['-n', name, ...args]);
 
-function deleteNamespace(name: string): void {
-  try {
-    execFileSync('ip', ['netns', 'del', name], { stdio: ['ignore', 'ignore', 'pipe'] });
-  } catch (error) {
-    const stderr = String((error as { stderr?: Buffer }).stderr ?? '');
-    if (!/No such file|Invalid argument|does not exist/i.test(stderr)) throw error;
-  }
-}
-
-function addNamespace(cleanups: Cleanups, name: string): void {
-  run('ip', ['netns', 'add', name]);
-  // Registered before anything else is made in it: a failure halfway still removes the namespace.
-  cleanups.add(`namespace ${name}`, () => deleteNamespace(name));
+/** A namespace with its removal registered, and its loopback up. */
+function addNamespaceWithLoopback(cleanups: Cleanups, name: string): void {
+  addNamespace(cleanups, name);
   ipIn(name, 'link', 'set', 'lo', 'up');
 }
 
@@ -88,8 +78,8 @@ export function fishBenchTopology(cleanups: Cleanups, binding: NativeBinding, sy
   const host = `fbH-${id}`;
   const origin = `fbO-${id}`;
   const { egress, ports, originPort } = FISH_BENCH;
-  addNamespace(cleanups, host);
-  addNamespace(cleanups, origin);
+  addNamespaceWithLoopback(cleanups, host);
+  addNamespaceWithLoopback(cleanups, origin);
   execIn(host, 'sysctl', '-qw', 'net.ipv4.ip_forward=1', 'net.ipv4.conf.all.rp_filter=1', 'net.ipv4.conf.default.rp_filter=1');
   // Made inside the host with its peer created straight in the origin: the machine's namespace is never touched.
   ipIn(host, 'link', 'add', 'h-o', 'type', 'veth', 'peer', 'name', 'o-h', 'netns', origin);
@@ -125,7 +115,7 @@ export function fishBenchTopology(cleanups: Cleanups, binding: NativeBinding, sy
  */
 export function proxyNamespace(cleanups: Cleanups, qlen: number): string {
   const name = `fbP-${process.pid}-${++serial}`;
-  addNamespace(cleanups, name);
+  addNamespaceWithLoopback(cleanups, name);
   execIn(name, 'sysctl', '-qw', `net.unix.max_dgram_qlen=${qlen}`);
   return name;
 }
